@@ -1,0 +1,36 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   set up .venv, write mini-NSD, run every lesson on the mini path
+#   make test   set up .venv, run the whole test suite (lessons included)
+# Other targets: make lab (open the course in JupyterLab), make setup, make clean.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mdlib-installed
+# Tests and the mini path never touch a model hub (a call to one would hang here, not fail).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: setup demo test lab clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+	@echo "environment ready: $(VENV)"
+
+demo: $(STAMP)
+	$(PY) -m mdlib.cli course --preset mini
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .pytest_cache

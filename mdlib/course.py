@@ -1,0 +1,121 @@
+"""Run the course: every lesson notebook in order with papermill, and one summary of their numbers.
+
+``mdlib course --preset mini`` (what ``make demo`` calls) writes mini-NSD if it is missing, executes
+``notebooks/NN_*.ipynb`` in order into an output folder, and gathers each lesson's recorded numbers
+(``mdlib.record``) into ``summary.json``. A failing lesson stops the run with the notebook, the cell and the
+error, and the executed notebook (with the traceback in it) is kept for reading.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .record import load_results, write_json_atomic
+
+#: papermill parameters every lesson declares in its ``parameters`` cell.
+COMMON_PARAMETERS = ("PRESET", "DATA_ROOT", "RESULTS_DIR")
+
+
+class CourseError(RuntimeError):
+    """A lesson failed; the message names the notebook, the cell and the executed copy to read."""
+
+
+def notebooks_dir() -> Path:
+    """The ``notebooks/`` folder of the course (beside the ``mdlib`` package in a source checkout)."""
+    env = os.environ.get("MDLIB_NOTEBOOKS", "").strip()
+    here = Path(env) if env else Path(__file__).resolve().parent.parent / "notebooks"
+    if not here.is_dir():
+        raise FileNotFoundError(
+            f"course notebooks not found at {here}: run from a checkout of the course repository, or set "
+            "MDLIB_NOTEBOOKS to its notebooks/ folder")
+    return here
+
+
+def lesson_notebooks(folder: str | os.PathLike | None = None, only: Iterable[str] | None = None) -> list[Path]:
+    """The lessons in reading order (``NN_name.ipynb``); ``only`` keeps those whose name starts with an item."""
+    folder = Path(folder) if folder else notebooks_dir()
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        keep = tuple(str(o) for o in only)
+        found = [p for p in found if p.name.startswith(keep)]
+    return found
+
+
+def ensure_mini_nsd(data_root: Path, progress: bool = True) -> Path:
+    """Write mini-NSD at ``data_root`` unless one is already there (its ``mini_nsd.json`` marks it)."""
+    if not (data_root / "mini_nsd.json").is_file():
+        from .synth.write import write_mini_nsd
+
+        print(f"writing mini-NSD to {data_root} ...", flush=True)
+        write_mini_nsd(data_root, progress=progress)
+    return data_root
+
+
+def _kernel_on_path() -> None:
+    # The 'python3' kernel spec starts "python" from PATH; make that the interpreter running the course, so
+    # the kernel sees the same installed mdlib even when the virtual environment is not activated.
+    bindir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def run_notebook(nb: Path, out_dir: Path, parameters: Mapping[str, Any], kernel: str = "python3",
+                 timeout: int | None = 1800, progress: bool = True) -> Path:
+    """Execute one lesson with papermill, passing only the parameters it declares."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(nb))
+    params = {k: v for k, v in parameters.items() if k in declared}
+    out = out_dir / nb.name
+    _kernel_on_path()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=str(nb.parent),
+                            execution_timeout=timeout, progress_bar=progress, log_output=False)
+    except pm.PapermillExecutionError as err:
+        raise CourseError(
+            f"lesson {nb.name} failed in cell {err.exec_count} ({err.ename}: {err.evalue}).\n"
+            f"  The executed notebook with the traceback: {out}") from None
+    return out
+
+
+def run_course(preset: str = "mini", data_root: str | os.PathLike | None = None,
+               out: str | os.PathLike | None = None, parameters: Mapping[str, Any] | None = None,
+               only: Iterable[str] | None = None, kernel: str = "python3", timeout: int | None = 1800,
+               progress: bool = True) -> dict:
+    """Run the lessons in order; returns (and writes to ``<out>/summary.json``) every recorded number.
+
+    preset: ``mini`` (mini-NSD, tiny offline models, CPU) or ``nsd`` (the real NSD under the data root).
+    parameters: extra papermill parameters (e.g. ``{"SUBJECT": 2}``), given to each lesson that declares them.
+    """
+    if preset not in paths.PRESETS:
+        raise ValueError(f"preset must be one of {paths.PRESETS}, got {preset!r}")
+    root = paths.data_root(data_root, preset).resolve()
+    if preset == "mini":
+        ensure_mini_nsd(root, progress=progress)
+    out_dir = Path(out).resolve() if out else paths.runs_dir(f"course-{preset}").resolve()
+    results_dir = out_dir / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"PRESET": preset, "DATA_ROOT": str(root), "RESULTS_DIR": str(results_dir), **(parameters or {})}
+    lessons = lesson_notebooks(only=only)
+    if not lessons:
+        raise FileNotFoundError(f"no lesson notebooks matched {list(only or [])} in {notebooks_dir()}")
+    timings = {}
+    for nb in lessons:
+        print(f"[course] {nb.name} ...", flush=True)
+        t0 = time.perf_counter()
+        run_notebook(nb, out_dir, params, kernel=kernel, timeout=timeout, progress=progress)
+        timings[nb.stem] = round(time.perf_counter() - t0, 1)
+        print(f"[course] {nb.name} done in {timings[nb.stem]:.0f} s", flush=True)
+    summary = {"preset": preset, "data_root": str(root), "parameters": params, "seconds": timings,
+               "results": load_results(results_dir)}
+    write_json_atomic(out_dir / "summary.json", summary)
+    print(f"[course] executed notebooks: {out_dir}\n[course] recorded numbers: {out_dir / 'summary.json'}")
+    return summary

@@ -1,0 +1,120 @@
+"""NSD's relative paths: the one place in mdlib where they are written.
+
+Every path here is relative to a *data root* that mirrors the bucket ``s3://natural-scenes-dataset/``
+(see ``../shared/NSD.md``). The same strings serve as S3 keys for ``mdlib fetch`` and as paths under a
+local root, so they are POSIX strings. The COCO caption files do not come from the bucket; they live under
+``coco/annotations/`` in the data root.
+
+mini-NSD (``mdlib.synth``) writes through these functions, and the loaders read through them, so the two
+cannot drift apart. Taught in ``notebooks/01_nsd_data.ipynb``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+#: The subjects of NSD (1..8) and the four who completed all 40 sessions (used by reconstruction papers).
+ALL_SUBJECTS = (1, 2, 3, 4, 5, 6, 7, 8)
+FULL_SUBJECTS = (1, 2, 5, 7)
+
+#: Documented NSD constants. Loaders read sizes from the files; these are only used to check real data and
+#: as defaults for messages, never to size arrays.
+NSD_N_STIMULI = 73000
+NSD_STIMULUS_SIZE = 425
+NSD_TRIALS_PER_SESSION = 750
+NSD_SESSIONS_COMPLETED = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
+#: Percent signal change is stored as int16 times this factor.
+BETA_SCALE = 300.0
+
+#: The func1pt8mm volume grids (X, Y, Z) of the four subjects reconstruction papers use (NSD.md).
+NSD_GRIDS = {1: (81, 104, 83), 2: (82, 106, 84), 5: (79, 97, 78), 7: (78, 95, 81)}
+VOXEL_SIZE_MM = 1.8
+
+#: The beta version MindDiffuser uses (METHOD.md) and the volume space.
+DEFAULT_BETAS = "betas_fithrf_GLMdenoise_RR"
+DEFAULT_SPACE = "func1pt8mm"
+
+#: ROI atlases available as volumes in func1pt8mm space.
+ROI_ATLASES = ("nsdgeneral", "prf-visualrois", "Kastner2015", "streams")
+
+_P = PurePosixPath
+
+
+def subj(subject: int) -> str:
+    """'subj01' for subject 1; raises ValueError for subjects NSD does not have."""
+    if int(subject) not in ALL_SUBJECTS:
+        raise ValueError(f"NSD has subjects 1..8; got subject {subject!r}")
+    return f"subj{int(subject):02d}"
+
+
+def expdesign() -> PurePosixPath:
+    return _P("nsddata/experiments/nsd/nsd_expdesign.mat")
+
+
+def stim_info(ext: str = "csv") -> PurePosixPath:
+    """``nsd_stim_info_merged.csv`` (or ``.pkl``: a pickle, which mdlib never reads or writes)."""
+    return _P(f"nsddata/experiments/nsd/nsd_stim_info_merged.{ext}")
+
+
+def stimuli() -> PurePosixPath:
+    """The image brick: HDF5 dataset ``imgBrick`` of shape (n_stimuli, H, W, 3) uint8, row = 0-based nsdId."""
+    return _P("nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5")
+
+
+def betas_dir(subject: int, space: str = DEFAULT_SPACE, betas: str = DEFAULT_BETAS) -> PurePosixPath:
+    return _P(f"nsddata_betas/ppdata/{subj(subject)}/{space}/{betas}")
+
+
+def betas_file(subject: int, session: int, fmt: str = "nii.gz", space: str = DEFAULT_SPACE,
+               betas: str = DEFAULT_BETAS) -> PurePosixPath:
+    """``betas_sessionSS.nii.gz`` (X, Y, Z, T) or ``betas_sessionSS.hdf5`` (dataset ``betas``, (T, Z, Y, X))."""
+    if fmt not in ("nii.gz", "hdf5"):
+        raise ValueError(f"betas format must be 'nii.gz' or 'hdf5', got {fmt!r}")
+    if not 1 <= int(session) <= 99:
+        raise ValueError(f"session numbers are 1-based (1..40 in NSD), got {session!r}")
+    return betas_dir(subject, space, betas) / f"betas_session{int(session):02d}.{fmt}"
+
+
+def ppdata_dir(subject: int, space: str = DEFAULT_SPACE) -> PurePosixPath:
+    return _P(f"nsddata/ppdata/{subj(subject)}/{space}")
+
+
+def roi_file(subject: int, atlas: str, space: str = DEFAULT_SPACE) -> PurePosixPath:
+    """An ROI volume: -1 outside cortex, 0 unlabelled cortex, 1..N labels."""
+    return ppdata_dir(subject, space) / "roi" / f"{atlas}.nii.gz"
+
+
+def roi_ctab(subject: int, atlas: str) -> PurePosixPath:
+    """The label names of an atlas: text lines ``N name``."""
+    return _P(f"nsddata/freesurfer/{subj(subject)}/label/{atlas}.mgz.ctab")
+
+
+def anatomy_file(subject: int, name: str = "T1_to_func1pt8mm", space: str = DEFAULT_SPACE) -> PurePosixPath:
+    """Anatomy on the betas' grid: ``T1_to_func1pt8mm``, ``mean`` or ``brainmask``."""
+    return ppdata_dir(subject, space) / f"{name}.nii.gz"
+
+
+def coco_captions(split: str) -> PurePosixPath:
+    """COCO 2017 caption annotations (from the COCO site, not the NSD bucket); split 'train2017' or 'val2017'."""
+    if split not in ("train2017", "val2017"):
+        raise ValueError(f"COCO split must be 'train2017' or 'val2017', got {split!r}")
+    return _P(f"coco/annotations/captions_{split}.json")
+
+
+#: Where each file comes from, for error messages that say how to get a missing file.
+def how_to_get(rel: PurePosixPath | str) -> str:
+    rel = str(rel)
+    if rel.startswith("coco/"):
+        return ("download the COCO 2017 annotations (annotations_trainval2017.zip from the COCO website) and "
+                f"place {Path(rel).name} at <data root>/{rel}; or run `mdlib mini <data root>` for mini-NSD")
+    return (f"fetch it from s3://natural-scenes-dataset/{rel} (after accepting the NSD terms), e.g. "
+            f"`aws s3 cp --no-sign-request s3://natural-scenes-dataset/{rel} <data root>/{rel}`, "
+            "or write a synthetic mini-NSD with `mdlib mini <data root>`")
+
+
+def require(root: Path | str, rel: PurePosixPath | str) -> Path:
+    """The absolute path of ``rel`` under ``root``; FileNotFoundError naming the NSD path and the fix if absent."""
+    path = Path(root) / str(rel)
+    if not path.is_file():
+        raise FileNotFoundError(f"NSD file missing: {path}\n  (NSD path: {rel})\n  To get it: {how_to_get(rel)}")
+    return path

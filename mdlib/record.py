@@ -1,0 +1,89 @@
+"""Recording a lesson's key numbers, so that tests and the course summary can check them.
+
+Each notebook ends by saving its numbers to ``<results dir>/<notebook>.json`` (written atomically) and
+showing them as a JSON output, as the recommenders project does with scrapbook. The notebook tests run the
+lesson with papermill and assert these numbers; ``mdlib course`` gathers them into one summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_jsonable(value: Any) -> Any:
+    """numpy scalars/arrays, paths and tuples -> plain JSON types; NaN/inf -> None (JSON has neither)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer, int)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(to_jsonable(data), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class Results(dict):
+    """The numbers a lesson records: a dict that saves itself as ``<results_dir>/<name>.json``.
+
+    >>> rec = Results("01_nsd_data", "/tmp/results")   # doctest: +SKIP
+    >>> rec["n_train"] = 8859
+    >>> rec.save()
+    """
+
+    def __init__(self, name: str, results_dir: str | os.PathLike):
+        super().__init__()
+        self.name = name
+        self.path = Path(results_dir) / f"{name}.json"
+
+    def save(self, display: bool = True) -> Path:
+        path = write_json_atomic(self.path, dict(self))
+        if display:
+            try:
+                from IPython.display import JSON, display as show
+
+                show(JSON(to_jsonable(dict(self)), root=self.name),
+                     metadata={"mdlib": {"results": self.name}})
+            except ImportError:  # outside Jupyter the file is what counts
+                pass
+        return path
+
+
+def load_results(results_dir: str | os.PathLike) -> dict[str, dict]:
+    """All ``*.json`` results in a folder, keyed by notebook name."""
+    out = {}
+    for p in sorted(Path(results_dir).glob("*.json")):
+        with open(p) as f:
+            out[p.stem] = json.load(f)
+    return out
