@@ -47,16 +47,6 @@ def lesson_notebooks(folder: str | os.PathLike | None = None, only: Iterable[str
     return found
 
 
-def ensure_mini_nsd(data_root: Path, progress: bool = True) -> Path:
-    """Write mini-NSD at ``data_root`` unless one is already there (its ``mini_nsd.json`` marks it)."""
-    if not (data_root / "mini_nsd.json").is_file():
-        from .synth.write import write_mini_nsd
-
-        print(f"writing mini-NSD to {data_root} ...", flush=True)
-        write_mini_nsd(data_root, progress=progress)
-    return data_root
-
-
 def _kernel_on_path() -> None:
     # The 'python3' kernel spec starts "python" from PATH; make that the interpreter running the course, so
     # the kernel sees the same installed mdlib even when the virtual environment is not activated.
@@ -99,6 +89,8 @@ def run_course(preset: str = "mini", data_root: str | os.PathLike | None = None,
         raise ValueError(f"preset must be one of {paths.PRESETS}, got {preset!r}")
     root = paths.data_root(data_root, preset).resolve()
     if preset == "mini":
+        from .synth.write import ensure_mini_nsd
+
         ensure_mini_nsd(root, progress=progress)
     out_dir = Path(out).resolve() if out else paths.runs_dir(f"course-{preset}").resolve()
     results_dir = out_dir / "results"

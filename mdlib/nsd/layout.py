@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 #: The subjects of NSD (1..8) and the four who completed all 40 sessions (used by reconstruction papers).
 ALL_SUBJECTS = (1, 2, 3, 4, 5, 6, 7, 8)
 FULL_SUBJECTS = (1, 2, 5, 7)
@@ -29,6 +31,18 @@ BETA_SCALE = 300.0
 #: The func1pt8mm volume grids (X, Y, Z) of the four subjects reconstruction papers use (NSD.md).
 NSD_GRIDS = {1: (81, 104, 83), 2: (82, 106, 84), 5: (79, 97, 78), 7: (78, 95, 81)}
 VOXEL_SIZE_MM = 1.8
+
+
+def nsd_affine(shape) -> np.ndarray:
+    """NSD's func1pt8mm affine (4, 4) for a grid of ``shape`` (X, Y, Z, ...): 1.8 mm voxels, centred, RAS.
+
+    diag(1.8, 1.8, 1.8) and translation -((dims - 1) / 2) * 1.8, e.g. (-72.0, -92.7, -73.8) for subj01
+    (NSD.md). mini-NSD writes it; loaders use it when a mask comes as a bare array without an affine.
+    """
+    dims = np.asarray(tuple(shape)[:3], dtype=float)
+    affine = np.diag([VOXEL_SIZE_MM] * 3 + [1.0])
+    affine[:3, 3] = -(dims - 1) / 2 * VOXEL_SIZE_MM
+    return affine
 
 #: The beta version MindDiffuser uses (METHOD.md) and the volume space.
 DEFAULT_BETAS = "betas_fithrf_GLMdenoise_RR"

@@ -42,17 +42,7 @@ PathLike = str | os.PathLike
 
 
 # -- grids --------------------------------------------------------------------------------------------------
-def nsd_affine(shape: tuple[int, ...]) -> np.ndarray:
-    """NSD's func1pt8mm affine for a grid of ``shape`` (X, Y, Z, ...): 1.8 mm voxels, centred (NSD.md).
-
-    diag(1.8, 1.8, 1.8) and translation -((dims - 1) / 2) * 1.8, e.g. (-72.0, -92.7, -73.8) for subj01.
-    Used when a mask comes as a bare array without an affine.
-    """
-    dims = np.asarray(shape[:3], dtype=float)
-    affine = np.diag([layout.VOXEL_SIZE_MM] * 3 + [1.0])
-    affine[:3, 3] = -(dims - 1) / 2 * layout.VOXEL_SIZE_MM
-    return affine
-
+nsd_affine = layout.nsd_affine
 
 def check_grid(shape_a: tuple[int, ...], shape_b: tuple[int, ...], what_a: str, what_b: str,
                affine_a: np.ndarray | None = None, affine_b: np.ndarray | None = None,

@@ -1,0 +1,65 @@
+"""The `mdlib` command, the data-root rules and the results files the lessons write."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mdlib import cli, paths
+from mdlib.nsd import layout
+from mdlib.record import Results, load_results, to_jsonable, write_json_atomic
+
+
+def test_data_root_follows_env_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv(paths.ENV_VAR, str(tmp_path / "home"))
+    assert paths.data_root(None, "nsd") == tmp_path / "home" / "nsd"
+    assert paths.data_root("", "mini") == tmp_path / "home" / "mini-nsd"
+    assert paths.data_root(tmp_path / "x", "mini") == tmp_path / "x"
+    monkeypatch.delenv(paths.ENV_VAR)
+    assert paths.home() == paths.Path.home() / "mdlib-data"
+    with pytest.raises(ValueError, match="preset"):
+        paths.data_root(None, "full")
+
+
+def test_mdlib_mini_writes_nsd_files(tmp_path, capsys):
+    root = tmp_path / "mini"
+    rc = cli.main(["mini", str(root), "--subjects", "2", "--n-shared", "6", "--n-per-subject", "24",
+                   "--trials-per-session", "18", "--stim-size", "32", "--quiet"])
+    assert rc == 0
+    for rel in (layout.expdesign(), layout.stim_info(), layout.stimuli(), layout.roi_file(2, "nsdgeneral"),
+                layout.betas_file(2, 4, "hdf5"), layout.betas_file(2, 4, "nii.gz"), layout.coco_captions("val2017")):
+        assert (root / rel).is_file(), rel
+    assert not (root / layout.betas_file(2, 5, "hdf5")).exists()  # 3 x 24 / 18 = 4 sessions
+    assert json.loads((root / "mini_nsd.json").read_text())["parameters"]["n_per_subject"] == 24
+    assert "mini-NSD written" in capsys.readouterr().out
+
+
+def test_mdlib_info(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv(paths.ENV_VAR, str(tmp_path))
+    assert cli.main(["info"]) == 0
+    assert str(tmp_path / "mini-nsd") in capsys.readouterr().out
+
+
+def test_course_parameters_parse_as_literals():
+    assert cli._literal("37") == 37 and cli._literal("'nsd'") == "nsd" and cli._literal("nsd") == "nsd"
+    assert cli._literal("[1, 2]") == [1, 2]
+
+
+def test_results_are_plain_json(tmp_path):
+    rec = Results("lesson", tmp_path)
+    rec.update(a=np.float32(0.5), b=np.int64(3), c=np.array([1, 2]), d=np.bool_(True), e=float("nan"),
+               f={"g": (np.float64(1.5), tmp_path)})
+    path = rec.save(display=False)
+    data = json.loads(path.read_text())
+    assert data == {"a": 0.5, "b": 3, "c": [1, 2], "d": True, "e": None, "f": {"g": [1.5, str(tmp_path)]}}
+    assert load_results(tmp_path) == {"lesson": data}
+    assert to_jsonable(math.inf) is None
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = write_json_atomic(tmp_path / "r.json", {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]

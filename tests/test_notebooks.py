@@ -1,0 +1,157 @@
+"""The lessons, run top to bottom on mini-NSD with papermill, checked on the numbers they record.
+
+Each expectation is computed here independently (from the raw files with scipy/nibabel, or from the
+simulated brain's ground truth), never copied from a previous run.
+"""
+
+import json
+
+import nbformat
+import nibabel as nib
+import numpy as np
+import papermill as pm
+import pytest
+import scipy.io
+
+from mdlib import course
+from mdlib.nsd import layout
+from mdlib.synth.write import load_truth, write_mini_nsd
+
+pytestmark = pytest.mark.notebook
+
+SUBJECT = 1
+
+
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory):
+    """A default-size mini-NSD (what `make demo` uses) for subject 1 only, written once for this module."""
+    root = tmp_path_factory.mktemp("mini-nsd")
+    write_mini_nsd(root, subjects=(SUBJECT,), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def course_run(mini_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("course")
+    summary = course.run_course("mini", data_root=mini_root, out=out, only=["01", "02"], progress=False)
+    return out, summary
+
+
+def _expected_split(root, subject, last_session=None):
+    """The papers' split computed by brute force from the raw design arrays (an independent reference)."""
+    mat = scipy.io.loadmat(root / layout.expdesign())
+    mo = mat["masterordering"].ravel().astype(int)
+    subjectim = mat["subjectim"].astype(int)
+    n_shared = mat["sharedix"].size
+    per_session = mat["basiccnt"].sum(0).astype(int)
+    session = np.repeat(np.arange(1, per_session.size + 1), per_session)
+    keep = session <= (last_session or per_session.size)
+    train, test, test_trials = set(), set(), 0
+    for t in np.flatnonzero(keep):
+        nsd_id = subjectim[subject - 1, mo[t] - 1] - 1
+        if mo[t] <= n_shared:
+            test.add(nsd_id)
+            test_trials += 1
+        else:
+            train.add(nsd_id)
+    return len(train), len(test), test_trials, int(keep.sum()), int(np.unique(session[keep]).size)
+
+
+def test_lesson_01_records_the_design_split_and_responses(course_run, mini_root):
+    out, summary = course_run
+    r = summary["results"]["01_nsd_data"]
+    n_train, n_test, n_test_trials, n_trials, n_sessions = _expected_split(mini_root, SUBJECT)
+    assert (r["n_train"], r["n_test"], r["n_test_trials"]) == (n_train, n_test, n_test_trials)
+    assert (r["n_trials"], r["n_sessions"]) == (n_trials, n_sessions)
+    assert r["betas_train_shape"][0] == n_train and r["betas_test_shape"][0] == n_test
+    assert r["train_ids_match_split"] and r["test_ids_match_split"]
+    assert r["nifti_equals_hdf5"] is True
+
+    roi = np.asanyarray(nib.load(mini_root / layout.roi_file(SUBJECT, "nsdgeneral")).dataobj)
+    assert r["n_voxels_nsdgeneral"] == int((roi > 0).sum()) == r["betas_train_shape"][1]
+    prf = np.asanyarray(nib.load(mini_root / layout.roi_file(SUBJECT, "prf-visualrois")).dataobj)
+    kastner = np.asanyarray(nib.load(mini_root / layout.roi_file(SUBJECT, "Kastner2015")).dataobj)
+    assert r["n_voxels_mindiffuser"] == int(((prf > 0) | ((kastner >= 1) & (kastner <= 23))).sum())
+
+    with open(mini_root / "mini_nsd.json") as f:
+        params = json.load(f)["parameters"]
+    assert r["stimulus_brick_shape"][1:] == [params["stim_size"], params["stim_size"], 3]
+    assert r["captions_per_image_min"] == 5
+
+    # Per-session z-scoring removes the simulated drifts exactly and makes repeats more consistent.
+    assert r["drift_sd_raw"] > 0.5
+    assert r["drift_sd_zscored"] < 1e-5
+    assert r["split_half_median_v1_zscored"] > r["split_half_median_v1_raw"] + 0.01
+
+
+def test_lesson_02_reliability_follows_the_simulated_snr(course_run, mini_root):
+    out, summary = course_run
+    r = summary["results"]["02_voxels_nilearn"]
+    truth = load_truth(mini_root, SUBJECT)
+    brain = truth["brainmask"] > 0
+    roi = np.asanyarray(nib.load(mini_root / layout.roi_file(SUBJECT, "nsdgeneral")).dataobj) > 0
+    assert r["n_brain_voxels"] == int(brain.sum())
+    assert r["n_voxels"]["nsdgeneral"] == int(roi.sum())
+
+    # The estimated noise ceiling is high inside the visual ROI and near zero outside, as simulated.
+    true_nc3_in = float(np.median(truth["nc3"][roi & brain]))
+    assert r["nc3_median_in_nsdgeneral"] == pytest.approx(true_nc3_in, abs=5.0)
+    assert r["nc3_median_outside"] < 3.0
+    assert r["nc3_median_in_nsdgeneral"] > 10 * max(r["nc3_median_outside"], 0.5)
+    assert r["ncsnr_median_in_nsdgeneral"] == pytest.approx(float(np.median(truth["ncsnr"][roi & brain])), abs=0.08)
+    # Voxel by voxel the estimate follows the truth, and split-half agrees with ncsnr^2 / (1 + ncsnr^2).
+    assert r["ncsnr_truth_r"] > 0.8
+    assert r["ncsnr_truth_median_abs_error_in_roi"] < 0.1
+    assert r["split_half_vs_ncsnr_r"] > 0.8
+    assert set(r["example_voxels_nc3"]) == {"V1", "higher (VO/PHC/LO/TO)"}
+
+
+def test_course_writes_executed_notebooks_and_summary(course_run):
+    out, summary = course_run
+    assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
+    for name in ("01_nsd_data", "02_voxels_nilearn"):
+        nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
+        assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                    if o.get("output_type") == "error"]
+        assert (out / "results" / f"{name}.json").is_file()
+
+
+def test_parameters_reach_the_lesson(mini_root, tmp_path):
+    """LAST_SESSION passed through the course runner restricts the split, as sessions 1-37 do in NSD."""
+    last = 11
+    summary = course.run_course("mini", data_root=mini_root, out=tmp_path, only=["01"],
+                                parameters={"LAST_SESSION": last}, progress=False)
+    r = summary["results"]["01_nsd_data"]
+    n_train, n_test, n_test_trials, n_trials, n_sessions = _expected_split(mini_root, SUBJECT, last)
+    assert (r["n_train"], r["n_test"], r["n_test_trials"], r["n_sessions"]) == (
+        n_train, n_test, n_test_trials, last)
+    assert n_test_trials < 3 * n_test  # some test images lose a repeat, as in NSD's sessions 1-37
+
+
+@pytest.mark.parametrize("nb", course.lesson_notebooks(), ids=lambda p: p.stem)
+def test_every_lesson_declares_its_parameters(nb):
+    """Every literal in the `parameters` cell is seen by papermill (a '=' in a comment would hide it)."""
+    cells = nbformat.read(nb, as_version=4).cells
+    tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    assigned = {line.split("=")[0].strip() for line in tagged[0].source.splitlines()
+                if line and not line.startswith((" ", "#"))}
+    assert assigned == set(pm.inspect_notebook(str(nb)))
+    assert set(course.COMMON_PARAMETERS) <= assigned
+    assert all(not c.get("outputs") for c in cells if c.cell_type == "code"), "commit lessons without outputs"
+
+
+def test_a_failing_lesson_names_the_notebook_and_cell(tmp_path, monkeypatch, mini_root):
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('PRESET = "mini"\nDATA_ROOT = ""\nRESULTS_DIR = ""', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("raise ValueError('broken on purpose')"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, nbdir / "01_broken.ipynb")
+    monkeypatch.setenv("MDLIB_NOTEBOOKS", str(nbdir))
+    with pytest.raises(course.CourseError, match=r"01_broken\.ipynb failed in cell \d+ \(ValueError: broken on purpose"):
+        course.run_course("mini", data_root=mini_root, out=tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "01_broken.ipynb").is_file()
