@@ -8,6 +8,7 @@ error, and the executed notebook (with the traceback in it) is kept for reading.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -47,12 +48,26 @@ def lesson_notebooks(folder: str | os.PathLike | None = None, only: Iterable[str
     return found
 
 
-def _kernel_on_path() -> None:
-    # The 'python3' kernel spec starts "python" from PATH; make that the interpreter running the course, so
-    # the kernel sees the same installed mdlib even when the virtual environment is not activated.
+@contextlib.contextmanager
+def _kernel_environment():
+    """The environment the lesson kernels start with, restored afterwards.
+
+    - PATH starts with this interpreter's folder: the 'python3' kernel spec starts "python" from PATH, and it
+      must be the one with this mdlib installed even when the virtual environment is not activated.
+    - Matplotlib's inline backend, so the executed notebooks keep their figures (it renders headless; a
+      plain MPLBACKEND=Agg inherited from a test run would leave them empty).
+    - HF_HUB_OFFLINE=1 unless set: the mini path never reaches a model hub.
+    """
+    saved = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
-    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def run_notebook(nb: Path, out_dir: Path, parameters: Mapping[str, Any], kernel: str = "python3",
@@ -63,12 +78,10 @@ def run_notebook(nb: Path, out_dir: Path, parameters: Mapping[str, Any], kernel:
     declared = pm.inspect_notebook(str(nb))
     params = {k: v for k, v in parameters.items() if k in declared}
     out = out_dir / nb.name
-    _kernel_on_path()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     try:
-        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=str(nb.parent),
-                            execution_timeout=timeout, progress_bar=progress, log_output=False)
+        with _kernel_environment():
+            pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=str(nb.parent),
+                                execution_timeout=timeout, progress_bar=progress, log_output=False)
     except pm.PapermillExecutionError as err:
         raise CourseError(
             f"lesson {nb.name} failed in cell {err.exec_count} ({err.ename}: {err.evalue}).\n"

@@ -32,7 +32,9 @@ def image_grid(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] 
             ax.set_title("\n".join(textwrap.wrap(str(titles[i]), wrap)), fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
+    else:
+        fig.tight_layout()
     return fig
 
 
