@@ -11,6 +11,8 @@ STAMP  := $(VENV)/.mdlib-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
+# Idle OpenMP threads sleep instead of spinning against numpy's BLAS threads (see mdlib/__init__.py).
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup demo test lab clean
 

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see mdlib/__init__.py
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -26,3 +27,18 @@ def _close_figures():
 
     if "matplotlib.pyplot" in sys.modules:
         sys.modules["matplotlib.pyplot"].close("all")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mdlib_home(tmp_path_factory):
+    """Tests never write into the user's ~/mdlib-data: the home folder (tiny models, runs) is a temporary one.
+
+    Set in os.environ, so the lesson kernels that papermill starts inherit it too.
+    """
+    previous = os.environ.get("MDLIB_DATA")
+    os.environ["MDLIB_DATA"] = str(tmp_path_factory.mktemp("mdlib-home"))
+    yield
+    if previous is None:
+        os.environ.pop("MDLIB_DATA", None)
+    else:
+        os.environ["MDLIB_DATA"] = previous

@@ -33,7 +33,7 @@ def mini_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def course_run(mini_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("course")
-    summary = course.run_course("mini", data_root=mini_root, out=out, only=["01", "02"], progress=False)
+    summary = course.run_course("mini", data_root=mini_root, out=out, only=["01", "02", "03"], progress=False)
     return out, summary
 
 
@@ -106,10 +106,41 @@ def test_lesson_02_reliability_follows_the_simulated_snr(course_run, mini_root):
     assert set(r["example_voxels_nc3"]) == {"V1", "higher (VO/PHC/LO/TO)"}
 
 
+def test_lesson_03_decodes_each_feature_family_between_chance_and_the_noiseless_ceiling(course_run, mini_root):
+    out, summary = course_run
+    r = summary["results"]["03_ridge_decoding"]
+    n_train, n_test, *_ = _expected_split(mini_root, SUBJECT)
+    assert (r["n_train"], r["n_test"]) == (n_train, n_test)
+    # Target counts follow from the tiny models' configurations and the released 15-token captions.
+    from mdlib.features import clip_feature_names
+    from mdlib.models import load_clip_vision, load_sd
+
+    sd, clip = load_sd("tiny", device="cpu"), load_clip_vision("tiny", device="cpu")
+    expected = {"z": int(np.prod(sd.latent_shape)), "c": (15 - 1) * sd.text_width}
+    expected.update({f"clip_{n}": clip.n_tokens * clip.width for n in clip_feature_names() if n != "embedding"})
+    expected["clip_embedding"] = clip.embed_dim
+    assert r["n_targets"] == expected
+
+    med, ceiling, null = r["median_r"], r["median_r_ceiling"], r["median_r_shuffled"]
+    assert set(med) == set(ceiling) == set(expected)
+    for family in expected:
+        # fMRI cannot beat the simulated brain's noiseless responses (a little slack for 40 test images) ...
+        assert med[family] <= ceiling[family] + 0.03, family
+    # ... the structural CLIP features, driven by what early visual cortex encodes, decode well ...
+    assert min(med[f"clip_block{b}"] for b in range(1, 7)) > 0.5
+    assert med["clip_embedding"] > 0.5
+    # ... the caption embedding less well but clearly above chance, which stays near zero.
+    assert med["c"] > 0.1
+    assert all(abs(v) < 0.1 for v in null.values())
+    assert med["c"] > null["c"] + 0.1 and med["clip_block1"] > null["clip_block1"] + 0.3
+    assert r["distinct_alphas_z"] > 1  # leave-one-out picks different alphas for different targets
+    assert 0 < r["voxel_share_early"] < 1
+
+
 def test_course_writes_executed_notebooks_and_summary(course_run):
     out, summary = course_run
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
-    for name in ("01_nsd_data", "02_voxels_nilearn"):
+    for name in ("01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding"):
         nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                     if o.get("output_type") == "error"]
