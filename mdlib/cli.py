@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("mini", help="write a synthetic mini-NSD in NSD's file formats")
-    m.add_argument("data_root", nargs="?", default=None, help=f"where to write (default: $MDLIB_DATA/mini-nsd)")
+    m.add_argument("data_root", nargs="?", default=None, help="where to write (default: $MDLIB_DATA/mini-nsd)")
     m.add_argument("--subjects", type=int, nargs="+", default=[1, 2, 5, 7])
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--n-shared", type=int, default=None, help="shared (test) images, as NSD's 1000")

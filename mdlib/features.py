@@ -40,6 +40,7 @@ from mdlib import paths
 from mdlib.models import ClipVision, SDModels, normalization_stats
 from mdlib.nsd import layout
 from mdlib.nsd.stimuli import StimulusReader, load_captions, load_stim_info
+from mdlib.record import write_json_atomic
 
 #: Blocks whose MLP output is a structural feature (1-based; METHOD.md: blocks 1-6 of ViT-B/32's 12).
 CLIP_BLOCKS = (1, 2, 3, 4, 5, 6)
@@ -448,7 +449,7 @@ def _cached_group(cache_root: Path, spec: dict[str, Any], ids: np.ndarray, compu
         except (OSError, ValueError):
             pass  # damaged: rebuild from chunks / recompute
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(folder / "spec.json", spec)
+    write_json_atomic(folder / "spec.json", spec)
     bar = tqdm(total=len(ids), desc=f"targets {spec['group']}", unit="img", disable=not progress)
     names: list[str] | None = None
     try:
@@ -499,7 +500,7 @@ def _assemble(folder: Path, spec: dict[str, Any], ids: np.ndarray, names: list[s
     outputs.clear()  # closes the memory maps
     for name in names:
         os.replace(folder / f"{name}.npy.tmp", folder / f"{name}.npy")
-    _write_json_atomic(folder / "manifest.json", {"spec": spec, "arrays": names, "complete": True,
+    write_json_atomic(folder / "manifest.json", {"spec": spec, "arrays": names, "complete": True,
                                                   "n": int(len(ids))})
     for index in range(n_chunks):
         (folder / f"chunk-{index:05d}.safetensors").unlink(missing_ok=True)
@@ -512,14 +513,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def clear_target_cache(data_root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> int:

@@ -42,3 +42,15 @@ def _mdlib_home(tmp_path_factory):
         os.environ.pop("MDLIB_DATA", None)
     else:
         os.environ["MDLIB_DATA"] = previous
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: they gain nothing from intra-op threads, and on a
+    busy 2-core machine spare threads only contend. Restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,14 +9,7 @@ from mdlib import features, models
 from mdlib.nsd.stimuli import StimulusReader, load_captions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
-    threads can slow them tenfold: one thread for this module, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
