@@ -664,8 +664,9 @@ class RidgeDecoder:
         fixed = G.numel() * 8
         per_target = n * 16 + p * (24 + isz) + ns * 32
         step = self.timings_["chunk_size"] = self._chunk_size(t, per_target, fixed)
-        # Batched solves: (batch, ns, ns) systems in float64 (+ float32 copy and factor); a quarter of the budget.
-        per_system = ns * ns * (8 + (8 if cd == torch.float32 else 8))
+        # Batched solves, a quarter of the budget: per system the float64 block and either its float32 copy and
+        # factor (4 + 4 bytes) or its float64 factor (8).
+        per_system = ns * ns * 16
         batch = int(max(1, min(step, self.memory_gb * _GB / 4 // per_system)))
         bar.set_description(f"ridge select n={ns} (chunks of {step}, solves of {batch})")
         self._time("setup_s")
@@ -809,7 +810,7 @@ class RidgeDecoder:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 raw = (f.metadata() or {}).get(_META_KEY)
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         except Exception as e:  # safetensors raises its own error types for non-safetensors files
             if isinstance(e, FileNotFoundError):
                 raise

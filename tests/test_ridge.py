@@ -262,8 +262,8 @@ def test_save_after_fit_predict_keeps_alphas_only(rng, tmp_path):
 def test_load_rejects_other_versions_and_files(rng, tmp_path):
     X, Y, _ = make_problem(rng, 30, 20, 2)
     path = RidgeDecoder(ALPHAS, progress=False).fit(X, Y).save(tmp_path / "d.safetensors")
-    from safetensors.numpy import load_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads(f.metadata()["mdlib.ridge"])
     meta["format_version"] = 999
@@ -287,7 +287,8 @@ def test_clear_errors(rng):
     Xbad = X.copy()
     Xbad[3, 5] = np.nan
     Xbad[7, 5] = np.inf
-    with pytest.raises(ValueError, match=r"X has 2 NaN/inf values in 1 voxels \(columns\) \(first: \[5\]\) and rows \[3, 7\]"):
+    with pytest.raises(ValueError, match=r"X has 2 NaN/inf values in 1 voxels \(columns\) \(first: \[5\]\) "
+                                         r"and rows \[3, 7\]"):
         m.fit(Xbad, Y)
     Ybad = Y.copy()
     Ybad[0, 2] = np.nan
