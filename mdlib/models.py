@@ -57,6 +57,7 @@ from typing import Any
 import torch
 
 from mdlib import paths
+from mdlib.device import resolve_device
 
 # ----------------------------------------------------------------------------------------------- constants
 
@@ -329,16 +330,6 @@ def _resolve_hub_folder(role: str, revision: str | None, local_files_only: bool 
 
 # ------------------------------------------------------------------------------------------------ device
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device``, or CUDA when available, else the CPU. Asking for CUDA without one warns and uses the CPU
-    (a GPU is optional everywhere in mdlib)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn("CUDA requested but not available: using the CPU", RuntimeWarning, stacklevel=3)
-        return torch.device("cpu")
-    return device
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

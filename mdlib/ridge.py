@@ -70,6 +70,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mdlib.device import resolve_device
 from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
 import mdlib
@@ -180,17 +182,6 @@ def _torch_dtype(dtype) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def _resolve_device(device) -> torch.device:
-    """``None`` -> CUDA when available, else the CPU; CUDA asked for but absent -> the CPU, with a warning."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn("CUDA is not available: ridge runs on the CPU", RuntimeWarning, stacklevel=3)
-        return torch.device("cpu")
-    return device
 
 
 def _as_2d_x(X, name: str) -> np.ndarray:
@@ -506,7 +497,7 @@ class RidgeDecoder:
                     f"{self.memory_gb}; use fit_predict(X, Y, X_test), which streams target chunks and keeps none, "
                     "or fit fewer targets at a time")
 
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         self.x_mean_, x_sd = _column_mean_sd(X)
         self.x_scale_ = np.where(x_sd > 0, x_sd, 1.0) if self._standardize else np.ones(p)
         xs = _Standardised(X, self.x_mean_, self.x_scale_, device)
@@ -737,7 +728,7 @@ class RidgeDecoder:
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} voxels, the decoder was fitted on {self.n_features_in_}")
         _check_finite(X, "X", what="voxels (columns)")
-        device = _resolve_device(self.device)
+        device = resolve_device(self.device)
         cd = self.dtype
         xs = _Standardised(X, self.x_mean_, self.x_scale_, device)
         Xs = torch.empty(X.shape, dtype=cd, device=device)

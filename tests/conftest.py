@@ -54,3 +54,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """The tiny offline Stable Diffusion + CLIP set, built (seeded) once per test module."""
+    from mdlib import models
+
+    return models.build_tiny_models(tmp_path_factory.mktemp("tiny") / "tiny-v1")

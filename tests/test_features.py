@@ -23,11 +23,6 @@ def mini_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return models.build_tiny_models(tmp_path_factory.mktemp("tiny") / "tiny-v1")
-
-
-@pytest.fixture(scope="module")
 def sd(tiny_dir):
     return models.load_sd(tiny_dir, device="cpu")
 
