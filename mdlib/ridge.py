@@ -70,11 +70,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from mdlib.device import resolve_device
 from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
 import mdlib
+from mdlib.device import resolve_device
 
 #: The default alpha grid: 13 values, 0.1 ... 1e5, half a decade apart.
 DEFAULT_ALPHAS = np.logspace(-1, 5, 13)
