@@ -1,0 +1,93 @@
+"""Image metrics of reconstructions against their stimuli (``shared/EVALUATION.md``; lessons 04-06).
+
+- :func:`pixcorr`: both images resized to 425 x 425 (NSD's stimulus size), RGB in [0, 1], flattened,
+  Pearson r per image (the eight-metric table's PixCorr; MindDiffuser's "PCC").
+- :func:`ssim`: both at 425 x 425, converted to grey with ``skimage.color.rgb2gray``, then
+  ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+  data_range=1.0)``: true 2-D SSIM (scikit-image >= 0.20; older releases with ``multichannel=True`` on a
+  grey image averaged 1-D column SSIMs instead, which some published numbers used).
+- :func:`two_way_identification`: percent of the other images whose features correlate less with a
+  reconstruction than its own stimulus's do (chance 0.5).
+
+Resizing: float images, bilinear with antialiasing (torchvision's ``Resize`` on tensors, as MindEye's
+evaluation does), clipped to [0, 1]. Inputs may be uint8 (n, H, W, 3) arrays (stimuli as
+:meth:`mdlib.nsd.stimuli.StimulusReader.read` returns them, reconstructions as :mod:`mdlib.stage1` saves them)
+or float (n, 3, H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Both images are compared at NSD's stimulus size (EVALUATION.md).
+EVAL_SIZE = 425
+
+
+def prepare(images, size: int = EVAL_SIZE) -> np.ndarray:
+    """(n, H, W, 3) uint8 or (n, 3, H, W) float in [0, 1] -> (n, size, size, 3) float64 in [0, 1]."""
+    from mdlib.features import to_unit_images
+
+    x = to_unit_images(images).detach().float().cpu()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(int(size), int(size)), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0.0, 1.0).permute(0, 2, 3, 1).double().numpy()
+
+
+def _pair(recons, stims, size: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = prepare(recons, size), prepare(stims, size)
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} reconstructions for {len(b)} stimuli: they must be paired one to one")
+    return a, b
+
+
+def pixcorr_per_image(recons, stims, size: int = EVAL_SIZE) -> np.ndarray:
+    """(n,) Pearson r between each reconstruction's and its stimulus's pixels (RGB, at size x size)."""
+    a, b = _pair(recons, stims, size)
+    a = a.reshape(len(a), -1)
+    b = b.reshape(len(b), -1)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def ssim_per_image(recons, stims, size: int = EVAL_SIZE) -> np.ndarray:
+    """(n,) SSIM of each reconstruction with its stimulus, grey, at size x size (EVALUATION.md's settings)."""
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    a, b = _pair(recons, stims, size)
+    return np.array([structural_similarity(rgb2gray(x), rgb2gray(y), gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, data_range=1.0) for x, y in zip(a, b)])
+
+
+def pixcorr(recons, stims, size: int = EVAL_SIZE) -> float:
+    """Mean PixCorr over images (NaN images, i.e. constant ones, are ignored)."""
+    return float(np.nanmean(pixcorr_per_image(recons, stims, size)))
+
+
+def ssim(recons, stims, size: int = EVAL_SIZE) -> float:
+    """Mean SSIM over images."""
+    return float(np.mean(ssim_per_image(recons, stims, size)))
+
+
+def two_way_identification(recon_features, stim_features) -> np.ndarray:
+    """(n,) for each reconstruction i, the fraction of stimuli j != i with corr(recon_i, stim_j) <
+    corr(recon_i, stim_i); features (n, d) (flattened if more dims). Chance is 0.5 (EVALUATION.md)."""
+    a = np.asarray(recon_features, dtype=np.float64).reshape(len(recon_features), -1)
+    b = np.asarray(stim_features, dtype=np.float64).reshape(len(stim_features), -1)
+    if a.shape != b.shape:
+        raise ValueError(f"features must be paired: {a.shape} vs {b.shape}")
+    if len(a) < 2:
+        raise ValueError("two-way identification needs at least 2 images")
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    C = a @ b.T                                     # C[i, j] = corr(recon i, stimulus j)
+    own = np.diag(C)[:, None]
+    wins = (C < own).sum(1)                         # j == i never counts (C[i, i] < C[i, i] is False)
+    return wins / (len(a) - 1)
