@@ -1,0 +1,174 @@
+"""Decode a subject's test images' features from fMRI, once, cached: what stages 1 and 2 start from.
+
+Lesson 03 teaches the decoders step by step; lessons 04-06 need only their output, the decoded features of
+the test images. :func:`decode_features` runs the whole chain (betas -> standardised voxels -> ridge per
+feature family -> test-set predictions) and caches each family's predictions in
+``<data root>/mdlib_cache/decoded/`` as ``.npz``, keyed by a hash of everything that determines them (the
+training voxels and targets themselves, the method and its parameters), so a changed input can never be
+served a stale result and an interrupted run keeps the families already done.
+
+Families (``shared/METHOD.md``): ``z`` (VAE latents), ``c`` (caption embeddings, tokens 1.. only: token 0 is
+constant, see :func:`mdlib.features.restore_bos`), ``clip_block1`` ... ``clip_block6`` and ``clip_embedding``
+(the structural features of stage 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mdlib import features, paths
+from mdlib.nsd.betas import load_betas
+from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
+
+#: Bump when cached predictions change meaning.
+CACHE_VERSION = 1
+METHODS = ("ridge", "fastl2lir")
+#: The released code's FastL2LiR voxel counts per family (METHOD.md: z 3000-4000, c 125-450, CLIP 850).
+RELEASED_N_SELECT = {"z": 3000, "c": 450, "clip": 850}
+#: Voxels of the released code's ROI for subject 1: the mini path scales n_select by n_voxels / this.
+RELEASED_N_VOXELS = 11694
+
+
+@dataclass
+class Decoded:
+    """Decoded features of a subject's test images (lessons 04-06).
+
+    Attributes:
+        nsd_ids: (n,) int64 0-based nsdIds of the test images, ascending.
+        pred: family -> (n, *shape) float32 predictions: ``z`` (n, 4, h, w); ``c`` (n, n_tokens - 1, width)
+            (BOS row not included); ``clip_blockK`` (n, 50, width); ``clip_embedding`` (n, dim).
+        true: family -> the same shapes: the features of the images themselves (stage 1's ceiling).
+        r: family -> (t,) float64 Pearson r per feature over the test images (NaN for constant features).
+        alpha: family -> (t,) the ridge alpha of each feature.
+        params: how they were made (JSON-able).
+    """
+
+    nsd_ids: np.ndarray
+    pred: dict[str, np.ndarray]
+    true: dict[str, np.ndarray]
+    r: dict[str, np.ndarray] = field(default_factory=dict)
+    alpha: dict[str, np.ndarray] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        fams = ", ".join(f"{k} {tuple(v.shape[1:])} (median r {np.nanmedian(self.r[k]):.3f})" if k in self.r
+                         else f"{k} {tuple(v.shape[1:])}" for k, v in self.pred.items())
+        return f"Decoded({len(self.nsd_ids)} test images: {fams})"
+
+
+def family_names(sd=None, clip=None) -> list[str]:
+    """Families available from the given models: z and c from Stable Diffusion, the rest from CLIP."""
+    names = ["z", "c"] if sd is not None else []
+    if clip is not None:
+        names += [f"clip_{n}" for n in features.clip_feature_names()]
+    return names
+
+
+def scaled_n_select(n_voxels: int, n_select: dict[str, int] | None = None, scale_to_roi: bool = False) -> dict:
+    """FastL2LiR's voxels per family key (``z``, ``c``, ``clip``), at most ``n_voxels``; ``scale_to_roi``:
+    in proportion to ``n_voxels`` / the released ROI's 11,694 voxels (the mini path's smaller brains)."""
+    base = dict(RELEASED_N_SELECT if n_select is None else n_select)
+    if scale_to_roi:
+        return {k: max(1, min(n_voxels, round(v * n_voxels / RELEASED_N_VOXELS))) for k, v in base.items()}
+    return {k: min(v, n_voxels) for k, v in base.items()}
+
+
+def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=None, *,
+                    families: list[str] | None = None, roi: str = "nsdgeneral", sessions=None,
+                    method: str = "ridge", alphas=DEFAULT_ALPHAS, n_select: dict[str, int] | None = None,
+                    n_tokens: int = features.RELEASED_N_TOKENS, posterior: str = "sample", seed: int = 0,
+                    device=None, cache: bool = True, progress: bool = True) -> Decoded:
+    """Fit the decoders on the training images and predict the test images' features (lessons 04-06).
+
+    Args:
+        data_root: the NSD (or mini-NSD) root. subject: 1..8.
+        sd, clip: the models whose features are the targets (:func:`mdlib.models.load_sd`,
+            :func:`mdlib.models.load_clip_vision`).
+        families: which to decode (default: every family of the given models, :func:`family_names`).
+        roi, sessions: the voxels and sessions (:func:`mdlib.nsd.betas.load_betas`).
+        method: ``"ridge"`` (alpha per feature by leave-one-out over ``alphas``: lesson 03's) or
+            ``"fastl2lir"`` (the released code's: ``n_select`` voxels per feature, alpha 0.15).
+        n_select: FastL2LiR's voxels per family key ``z``/``c``/``clip`` (default: the released counts,
+            capped at the ROI's size).
+        n_tokens, posterior, seed: the targets (:func:`mdlib.features.extract_targets`).
+        device: where the ridge runs (None: CUDA when available).
+        cache: read/write ``<data root>/mdlib_cache/decoded/``.
+    Returns :class:`Decoded`. Voxels are z-scored with the training images' mean and sd (as in lesson 03).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    available = family_names(sd, clip)
+    families = list(available if families is None else families)
+    unknown = [f for f in families if f not in available]
+    if unknown:
+        raise ValueError(f"cannot decode {unknown}: available from the given models: {available} "
+                         f"(z and c need sd, the clip_* families need clip)")
+    betas = load_betas(data_root, subject, roi, sessions, progress=progress)
+    train, test = betas.train_rows, betas.test_rows
+    if len(train) < 2 or len(test) < 1:
+        raise ValueError(f"subject {subject}: {len(train)} training and {len(test)} test images in sessions "
+                         f"{betas.sessions}: too few to decode")
+    X = betas.responses
+    mu, sd_x = X[train].mean(0), X[train].std(0)
+    sd_x[sd_x == 0] = 1.0
+    X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu) / sd_x
+    groups = sorted({"clip" if f.startswith("clip_") else f for f in families})
+    targets = features.extract_targets(data_root, betas.nsd_ids, sd, clip, targets=groups, n_tokens=n_tokens,
+                                       posterior=posterior, seed=seed, progress=progress)
+    selects = scaled_n_select(betas.n_voxels, n_select)
+    x_key = _digest(X_train, X_test)
+    folder = paths.cache_dir(data_root) / "decoded"
+    out = Decoded(nsd_ids=betas.nsd_ids[test].copy(), pred={}, true={},
+                  params={"subject": subject, "roi": betas.roi, "sessions": list(betas.sessions),
+                          "method": method, "n_tokens": n_tokens, "posterior": posterior, "seed": seed})
+    for fam in families:
+        full = np.asarray(targets[fam])
+        if fam == "c":
+            full = np.asarray(features.drop_bos(full))
+        shape = full.shape[1:]
+        Y = full.reshape(len(full), -1)
+        spec = {"version": CACHE_VERSION, "family": fam, "method": method, "x": x_key, "y": _digest(Y[train]),
+                "alphas": [float(a) for a in np.atleast_1d(alphas)] if method == "ridge" else None,
+                "n_select": selects["clip" if fam.startswith("clip_") else fam] if method == "fastl2lir" else None}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+        path = folder / f"subj{subject:02d}_{fam}_{key}.npz"
+        if cache and path.is_file():
+            with np.load(path) as f:
+                pred, alpha = f["pred"], f["alpha"]
+        else:
+            if method == "ridge":
+                dec = RidgeDecoder(alphas=alphas, cv="loo", device=device, progress=progress)
+            else:
+                dec = RidgeDecoder.fastl2lir(n_select=spec["n_select"], device=device, progress=progress)
+            pred = np.asarray(dec.fit_predict(X_train, Y[train], X_test), dtype=np.float32)
+            alpha = np.broadcast_to(np.asarray(dec.alpha_, dtype=np.float64), (Y.shape[1],)).copy()
+            if cache:
+                _save_npz(path, pred=pred, alpha=alpha, nsd_ids=out.nsd_ids, spec=np.array(json.dumps(spec)))
+        out.pred[fam] = pred.reshape(len(test), *shape)
+        out.true[fam] = Y[test].reshape(len(test), *shape).astype(np.float32)
+        out.r[fam] = pearson_per_target(Y[test], pred)
+        out.alpha[fam] = alpha
+    return out
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    """Write atomically: a run killed mid-write leaves no truncated cache file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

@@ -1,0 +1,94 @@
+"""mdlib.decoding: the decoded test-set features equal a direct fit, are cached by content, and resume."""
+
+import numpy as np
+import pytest
+
+from mdlib import decoding, features, models
+from mdlib.nsd.betas import load_betas
+from mdlib.ridge import RidgeDecoder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory):
+    from mdlib.synth.write import write_mini_nsd
+
+    root = tmp_path_factory.mktemp("mini") / "mini-nsd"
+    write_mini_nsd(root, subjects=(1,), n_shared=8, n_per_subject=40, trials_per_session=24, stim_size=32,
+                   progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_dir):
+    return models.load_sd(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_dir):
+    return models.load_clip_vision(tiny_dir, device="cpu")
+
+
+def test_equals_a_direct_fit(mini_root, sd):
+    alphas = np.logspace(-1, 4, 6)
+    got = decoding.decode_features(mini_root, 1, sd, families=["z", "c"], alphas=alphas, posterior="mean",
+                                   device="cpu", progress=False)
+    betas = load_betas(mini_root, 1, progress=False)
+    tr, te = betas.train_rows, betas.test_rows
+    X = betas.responses
+    mu, sd_x = X[tr].mean(0), X[tr].std(0)
+    sd_x[sd_x == 0] = 1
+    t = features.extract_targets(mini_root, betas.nsd_ids, sd, targets=["z", "c"], posterior="mean", progress=False)
+    np.testing.assert_array_equal(got.nsd_ids, betas.nsd_ids[te])
+    for fam, Y in (("z", np.asarray(t["z"])), ("c", np.asarray(t["c"])[:, 1:])):
+        Y2 = Y.reshape(len(Y), -1)
+        dec = RidgeDecoder(alphas=alphas, device="cpu", progress=False).fit((X[tr] - mu) / sd_x, Y2[tr])
+        want = dec.predict((X[te] - mu) / sd_x).reshape(len(te), *Y.shape[1:])
+        assert got.pred[fam].shape == want.shape == got.true[fam].shape
+        np.testing.assert_allclose(got.pred[fam], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        np.testing.assert_array_equal(got.true[fam], Y[te])
+        np.testing.assert_array_equal(got.alpha[fam], dec.alpha_)
+        assert got.r[fam].shape == (Y2.shape[1],)
+    assert got.pred["c"].shape[1] == 14                          # tokens 1..14: BOS is not decoded
+    assert "median r" in repr(got)
+
+
+def test_cached_by_content(mini_root, sd, monkeypatch):
+    kw = dict(families=["z"], alphas=[1.0, 100.0], posterior="mean", device="cpu", progress=False)
+    first = decoding.decode_features(mini_root, 1, sd, **kw)
+
+    def refuse(*a, **k):
+        raise AssertionError("refitted although cached")
+
+    monkeypatch.setattr(RidgeDecoder, "fit_predict", refuse)
+    again = decoding.decode_features(mini_root, 1, sd, **kw)
+    np.testing.assert_array_equal(again.pred["z"], first.pred["z"])
+    # other parameters, other voxels or other targets are other cache entries: they refit
+    with pytest.raises(AssertionError, match="refitted"):
+        decoding.decode_features(mini_root, 1, sd, **{**kw, "alphas": [1.0, 10.0]})
+    with pytest.raises(AssertionError, match="refitted"):
+        decoding.decode_features(mini_root, 1, sd, **{**kw, "posterior": "sample"})
+    with pytest.raises(AssertionError, match="refitted"):
+        decoding.decode_features(mini_root, 1, sd, **{**kw, "sessions": [1]})
+    assert not list((mini_root / "mdlib_cache" / "decoded").glob("*.part*"))
+
+
+def test_fastl2lir_and_clip_families(mini_root, clip):
+    got = decoding.decode_features(mini_root, 1, clip=clip, families=["clip_block1", "clip_embedding"],
+                                   method="fastl2lir", n_select={"z": 5, "c": 5, "clip": 7}, device="cpu",
+                                   progress=False)
+    assert set(got.pred) == {"clip_block1", "clip_embedding"}
+    assert got.pred["clip_block1"].shape[1:] == got.true["clip_block1"].shape[1:] == (50, clip.width)
+    assert np.all(got.alpha["clip_embedding"] == 0.15)
+    assert np.nanmedian(got.r["clip_embedding"]) > 0.2           # the simulated brain carries the signal
+
+
+def test_scaled_n_select_and_errors(mini_root, sd):
+    assert decoding.scaled_n_select(100) == {"z": 100, "c": 100, "clip": 100}
+    assert decoding.scaled_n_select(11694, scale_to_roi=True) == decoding.RELEASED_N_SELECT
+    assert decoding.scaled_n_select(1169, scale_to_roi=True) == {"z": 300, "c": 45, "clip": 85}
+    with pytest.raises(ValueError, match="need clip"):
+        decoding.decode_features(mini_root, 1, sd, families=["clip_block1"], progress=False)
+    with pytest.raises(ValueError, match="method"):
+        decoding.decode_features(mini_root, 1, sd, method="lasso", progress=False)
