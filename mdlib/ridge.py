@@ -339,7 +339,9 @@ class RidgeDecoder:
             or torch.float64 (everything in float64, scikit-learn's arithmetic). The decomposition is always
             float64, and chosen alphas are float64's in both (see the module docstring).
         chunk_size: targets per chunk; ``None``: as many as ``memory_gb`` allows.
-        memory_gb: working-memory budget in GiB for the target chunks (beyond X, Y and the outputs).
+        memory_gb: working-memory budget in GiB (device memory on a GPU) for the decomposition and the target
+            chunks; X, Y, the predictions and ``coef_`` come on top. :meth:`fit` refuses when ``coef_`` alone
+            would exceed it.
         progress: show a tqdm bar over targets.
 
     Fitted attributes:

@@ -206,7 +206,7 @@ class DDIMSampler:
     # ------------------------------------------------------------------------------------- sampling
     def sample(self, z: torch.Tensor | None, cond: torch.Tensor, uncond: torch.Tensor | None,
                gens: Sequence[torch.Generator], checkpoint: bool = False,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None,
+               callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                progress: bool = False) -> torch.Tensor:
         """Clean latents from (z, c): noise z to :attr:`noise_timestep`, then run the DDIM steps.
 
@@ -220,7 +220,8 @@ class DDIMSampler:
                 per-step noise (eta > 0), are drawn from them.
             checkpoint: recompute each step's activations in the backward pass instead of storing them
                 (stage 2: memory stays flat in the number of steps). Gradients are unchanged.
-            callback: called as ``callback(i, t, x)`` after step i (x: latents at the previous timestep).
+            callback: called as ``callback(i, t, x, x0)`` after step i at timestep t: x the latents at the next
+                (lower) level, x0 the model's estimate of the clean latent at t (:meth:`predict_x0`).
             progress: a tqdm bar over the steps.
         Returns (n, 4, h, w) latents in the UNet's dtype, with autograd graph if grad mode is on.
         """
@@ -249,7 +250,7 @@ class DDIMSampler:
         steps = self.denoise_timesteps
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
             bar = tqdm(total=len(steps), desc="DDIM", leave=False)
         for i, t in enumerate(steps):
@@ -257,11 +258,11 @@ class DDIMSampler:
             if self.config.eta > 0:
                 step_noise = draw_noise(gens, shape, device, dtype)
             if checkpoint and torch.is_grad_enabled():
-                x = _checkpoint(self._one_step, x, cond, uncond, step_noise, t, use_reentrant=False)
+                x, x0 = _checkpoint(self._one_step, x, cond, uncond, step_noise, t, use_reentrant=False)
             else:
-                x = self._one_step(x, cond, uncond, step_noise, t)
+                x, x0 = self._one_step(x, cond, uncond, step_noise, t)
             if callback is not None:
-                callback(i, t, x)
+                callback(i, t, x, x0)
             if bar is not None:
                 bar.update()
         if bar is not None:
@@ -269,7 +270,8 @@ class DDIMSampler:
         return x
 
     def _one_step(self, x, cond, uncond, step_noise, t):
-        return self.step(x, self.eps(x, t, cond, uncond), t, step_noise)
+        eps = self.eps(x, t, cond, uncond)
+        return self.step(x, eps, t, step_noise), self.predict_x0(x, eps, t)
 
 
 @contextlib.contextmanager

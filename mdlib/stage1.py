@@ -121,7 +121,7 @@ def reconstruct(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConf
             images[k], latents[k] = got
     bar = None
     if progress and todo:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
         bar = tqdm(total=n, initial=n - len(todo), desc="stage 1", unit="image")
     with torch.no_grad():
@@ -143,6 +143,14 @@ def reconstruct(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConf
 
 
 # ---------------------------------------------------------------------------------------- the run folder
+
+def run_tag(sd: SDModels, config: SamplerConfig) -> str:
+    """A folder name that tells runs apart: the sampler's settings and the UNet's fingerprint, e.g.
+    ``ddim50_i37_s35_g5_eta0_unet1a2b3c4d`` (so changing a parameter never collides with an earlier run)."""
+    c = config
+    return (f"ddim{c.num_steps}_i{c.noise_index}_s{c.denoise_steps}_g{c.guidance_scale:g}_eta{c.eta:g}"
+            f"_unet{sd.fingerprint('unet')[:8]}")
+
 
 def _open_folder(out_dir, sd: SDModels, config: SamplerConfig) -> Path:
     folder = Path(out_dir).expanduser()

@@ -33,7 +33,7 @@ def mini_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def course_run(mini_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("course")
-    summary = course.run_course("mini", data_root=mini_root, out=out, only=["01", "02", "03"], progress=False)
+    summary = course.run_course("mini", data_root=mini_root, out=out, only=["01", "02", "03", "04"], progress=False)
     return out, summary
 
 
@@ -137,10 +137,73 @@ def test_lesson_03_decodes_each_feature_family_between_chance_and_the_noiseless_
     assert 0 < r["voxel_share_early"] < 1
 
 
+def _read_pngs(folder, ids):
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(folder / f"{i}.png").convert("RGB")) for i in ids])
+
+
+def _pixcorr_ssim_reference(recons, stims):
+    """EVALUATION.md's PixCorr and SSIM, recomputed with PIL resizing and numpy/scikit-image directly."""
+    from PIL import Image
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    up = lambda im: np.asarray(Image.fromarray(im).resize((425, 425), Image.BILINEAR), dtype=np.float64) / 255  # noqa: E731
+    pc, ss = [], []
+    for a, b in zip(recons, stims):
+        a, b = up(a), up(b)
+        pc.append(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+        ss.append(structural_similarity(rgb2gray(a), rgb2gray(b), gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, data_range=1.0))
+    return float(np.mean(pc)), float(np.mean(ss))
+
+
+def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run, mini_root):
+    from pathlib import Path
+
+    from mdlib import decoding, models, stage1
+    from mdlib.nsd.stimuli import StimulusReader
+    from mdlib.sampler import image_seed
+
+    out, summary = course_run
+    r = summary["results"]["04_stage1_img2img"]
+    # The schedule METHOD.md states: z noised to t = 741, then 35 steps 681, 661, ..., 1, guidance 5, eta 0.
+    assert r["noise_timestep"] == 741 and r["denoise_timesteps"] == list(range(681, 0, -20))
+    assert r["sampler"] == {"num_steps": 50, "noise_index": 37, "denoise_steps": 35, "guidance_scale": 5.0, "eta": 0.0}
+    # Every test image, decoded as lesson 03 decodes it (same decoders, same accuracy).
+    n_train, n_test, *_ = _expected_split(mini_root, SUBJECT)
+    assert r["n_images"] == n_test == len(r["nsd_ids"])
+    r03 = summary["results"]["03_ridge_decoding"]["median_r"]
+    assert r["median_r"]["z"] == pytest.approx(r03["z"], abs=1e-6)
+    assert r["median_r"]["c"] == pytest.approx(r03["c"], abs=1e-6)
+    # The recorded metrics are those of the saved images (recomputed here independently).
+    with StimulusReader(mini_root) as reader:
+        stim = reader.read(r["nsd_ids"])
+    for name in ("true (z, c)", "decoded (z, c)", "without z"):
+        pc, ss = _pixcorr_ssim_reference(_read_pngs(Path(r["image_dirs"][name]), r["nsd_ids"]), stim)
+        assert r["metrics"][name]["PixCorr"] == pytest.approx(pc, abs=0.005), name
+        assert r["metrics"][name]["SSIM"] == pytest.approx(ss, abs=0.005), name
+        assert -1 <= pc <= 1 and -1 <= ss <= 1
+    # A saved image is the published sampler run on the decoded (z, c) with its nsdId's seed: remake two.
+    sd = models.load_sd("tiny", device="cpu")
+    dec = decoding.decode_features(mini_root, SUBJECT, sd, families=["z", "c"], posterior="mean", progress=False)
+    assert list(dec.nsd_ids) == r["nsd_ids"]
+    k = [0, len(dec.nsd_ids) - 1]
+    again = stage1.reconstruct(sd, dec.pred["z"][k], dec.pred["c"][k], [image_seed(dec.nsd_ids[i]) for i in k],
+                               progress=False)
+    assert Path(r["image_dirs"]["decoded (z, c)"]).name == stage1.run_tag(sd, again.config)
+    saved = _read_pngs(Path(r["image_dirs"]["decoded (z, c)"]), dec.nsd_ids[k])
+    assert np.abs(again.images.astype(int) - saved.astype(int)).max() <= 1
+    # How much of z the decoder recovers, recomputed from the decoded latents.
+    zr = np.mean([np.corrcoef(dec.pred["z"][i].ravel(), dec.true["z"][i].ravel())[0, 1] for i in range(n_test)])
+    assert r["latent_r"]["decoded z itself"] == pytest.approx(zr, abs=1e-5)
+
+
 def test_course_writes_executed_notebooks_and_summary(course_run):
     out, summary = course_run
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
-    for name in ("01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding"):
+    for name in ("01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding", "04_stage1_img2img"):
         nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                     if o.get("output_type") == "error"]

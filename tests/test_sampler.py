@@ -190,3 +190,25 @@ def test_errors_are_clear(sd):
         s.sample(None, cond, uncond[:, :5], generators([1, 2]))
     with pytest.raises(ValueError, match="unconditional"):
         s.sample(None, cond, None, generators([1, 2]))
+
+
+def test_callback_sees_each_step_and_the_clean_estimate(sd64):
+    z = torch.randn(1, *sd64.latent_shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond, uncond = _embeddings(sd64, 1)
+    s = DDIMSampler(sd64.unet, sd64.scheduler, SamplerConfig(num_steps=10, noise_index=6, denoise_steps=5))
+    seen = []
+
+    def spy(i, t, x, x0):
+        seen.append((i, t, x.clone(), x0.clone()))
+
+    with torch.no_grad():
+        out = s.sample(z, cond, uncond, generators([1]), callback=spy)
+        x = s.add_noise(z, torch.randn((1, *sd64.latent_shape), generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.float64))
+        for i, t in enumerate(s.denoise_timesteps):
+            eps = s.eps(x, t, cond, uncond)
+            torch.testing.assert_close(seen[i][3], s.predict_x0(x, eps, t))
+            x = s.step(x, eps, t)
+            assert seen[i][:2] == (i, t)
+            torch.testing.assert_close(seen[i][2], x)
+    torch.testing.assert_close(out, x)

@@ -94,3 +94,15 @@ def test_errors(sd):
         stage1.reconstruct(sd, z, c_tail, range(2), progress=False)
     with pytest.raises(ValueError, match="c must be"):
         stage1.reconstruct(sd, z, c_tail[..., :5], range(3), progress=False)
+
+
+def test_run_tag_tells_settings_and_models_apart(sd, tiny_dir):
+    tag = stage1.run_tag(sd, SamplerConfig())
+    assert tag.startswith("ddim50_i37_s35_g5_eta0_unet")
+    assert stage1.run_tag(sd, SamplerConfig(guidance_scale=7.5)) != tag
+    assert stage1.run_tag(sd, SamplerConfig.text_to_image()) != tag
+    other = models.load_sd(tiny_dir, device="cpu")
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1.0)
+    other._fingerprints.clear()
+    assert stage1.run_tag(other, SamplerConfig()) != tag
