@@ -27,7 +27,7 @@ from mdlib.nsd.betas import load_betas
 from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
 
 #: Bump when cached predictions change meaning.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 METHODS = ("ridge", "fastl2lir")
 #: The released code's FastL2LiR voxel counts per family (METHOD.md: z 3000-4000, c 125-450, CLIP 850).
 RELEASED_N_SELECT = {"z": 3000, "c": 450, "clip": 850}
@@ -46,6 +46,9 @@ class Decoded:
         true: family -> the same shapes: the features of the images themselves (stage 1's ceiling).
         r: family -> (t,) float64 Pearson r per feature over the test images (NaN for constant features).
         alpha: family -> (t,) the ridge alpha of each feature.
+        cv_r2: family -> (t,) leave-one-out R^2 of each feature on the training images (``method="ridge"``;
+            NaN with FastL2LiR, which cross-validates nothing): how decodable a feature is, known without
+            looking at the test set. Stage 2 keeps the best-decoded features by it (lesson 05).
         params: how they were made (JSON-able).
     """
 
@@ -54,6 +57,7 @@ class Decoded:
     true: dict[str, np.ndarray]
     r: dict[str, np.ndarray] = field(default_factory=dict)
     alpha: dict[str, np.ndarray] = field(default_factory=dict)
+    cv_r2: dict[str, np.ndarray] = field(default_factory=dict)
     params: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -140,7 +144,7 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
         path = folder / f"subj{subject:02d}_{fam}_{key}.npz"
         if cache and path.is_file():
             with np.load(path) as f:
-                pred, alpha = f["pred"], f["alpha"]
+                pred, alpha, cv_mse = f["pred"], f["alpha"], f["cv_mse"]
         else:
             if method == "ridge":
                 dec = RidgeDecoder(alphas=alphas, cv="loo", device=device, progress=progress)
@@ -148,12 +152,18 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
                 dec = RidgeDecoder.fastl2lir(n_select=spec["n_select"], device=device, progress=progress)
             pred = np.asarray(dec.fit_predict(X_train, Y[train], X_test), dtype=np.float32)
             alpha = np.broadcast_to(np.asarray(dec.alpha_, dtype=np.float64), (Y.shape[1],)).copy()
+            cv_mse = (np.full(Y.shape[1], np.nan) if dec.cv_mse_ is None
+                      else np.asarray(dec.cv_mse_, dtype=np.float64))
             if cache:
-                _save_npz(path, pred=pred, alpha=alpha, nsd_ids=out.nsd_ids, spec=np.array(json.dumps(spec)))
+                _save_npz(path, pred=pred, alpha=alpha, cv_mse=cv_mse, nsd_ids=out.nsd_ids,
+                          spec=np.array(json.dumps(spec)))
         out.pred[fam] = pred.reshape(len(test), *shape)
         out.true[fam] = Y[test].reshape(len(test), *shape).astype(np.float32)
         out.r[fam] = pearson_per_target(Y[test], pred)
         out.alpha[fam] = alpha
+        var = Y[train].astype(np.float64).var(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.cv_r2[fam] = np.where(var > 0, 1.0 - cv_mse / np.where(var > 0, var, 1.0), np.nan)
     return out
 
 

@@ -49,6 +49,16 @@ def test_equals_a_direct_fit(mini_root, sd):
         np.testing.assert_allclose(got.pred[fam], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
         np.testing.assert_array_equal(got.true[fam], Y[te])
         np.testing.assert_array_equal(got.alpha[fam], dec.alpha_)
+        # leave-one-out R^2 on the training images, against a brute-force refit without each image in turn
+        j = int(np.nanargmax(got.cv_r2[fam]))
+        Xs = (X[tr] - mu) / sd_x
+        loo = []
+        for i in range(len(tr)):
+            keep = np.arange(len(tr)) != i
+            one = RidgeDecoder(fixed_alpha=float(dec.alpha_[j]), device="cpu", dtype="float64", progress=False)
+            loo.append(one.fit(Xs[keep], Y2[tr][keep, j]).predict(Xs[i:i + 1])[0])
+        want_r2 = 1 - np.mean((np.array(loo) - Y2[tr, j]) ** 2) / Y2[tr, j].var()
+        assert got.cv_r2[fam][j] == pytest.approx(want_r2, rel=1e-3)
         assert got.r[fam].shape == (Y2.shape[1],)
     assert got.pred["c"].shape[1] == 14                          # tokens 1..14: BOS is not decoded
     assert "median r" in repr(got)
@@ -81,6 +91,7 @@ def test_fastl2lir_and_clip_families(mini_root, clip):
     assert set(got.pred) == {"clip_block1", "clip_embedding"}
     assert got.pred["clip_block1"].shape[1:] == got.true["clip_block1"].shape[1:] == (50, clip.width)
     assert np.all(got.alpha["clip_embedding"] == 0.15)
+    assert np.isnan(got.cv_r2["clip_embedding"]).all()          # FastL2LiR cross-validates nothing
     assert np.nanmedian(got.r["clip_embedding"]) > 0.2           # the simulated brain carries the signal
 
 

@@ -171,6 +171,9 @@ def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run
     # The schedule METHOD.md states: z noised to t = 741, then 35 steps 681, 661, ..., 1, guidance 5, eta 0.
     assert r["noise_timestep"] == 741 and r["denoise_timesteps"] == list(range(681, 0, -20))
     assert r["sampler"] == {"num_steps": 50, "noise_index": 37, "denoise_steps": 35, "guidance_scale": 5.0, "eta": 0.0}
+    # SD v1-4's published sizes (UNet 859.5 M, VAE 83.7 M, text encoder 123.1 M parameters).
+    sizes = r["sd_v1_4_params_millions"]
+    assert (sizes["unet"], sizes["vae"], sizes["text_encoder"]) == pytest.approx((859.52, 83.65, 123.06), abs=0.01)
     # Every test image, decoded as lesson 03 decodes it (same decoders, same accuracy).
     n_train, n_test, *_ = _expected_split(mini_root, SUBJECT)
     assert r["n_images"] == n_test == len(r["nsd_ids"])

@@ -212,3 +212,17 @@ def test_callback_sees_each_step_and_the_clean_estimate(sd64):
             assert seen[i][:2] == (i, t)
             torch.testing.assert_close(seen[i][2], x)
     torch.testing.assert_close(out, x)
+
+
+def test_full_size_sd_v1_4_shapes_on_meta_device(sd):
+    """The real path's shapes: SD v1-4's UNet (built from its published config, no weights) through the
+    sampler with 4 x 64 x 64 latents and 15-token, 768-wide embeddings."""
+    unet = models.sd_v1_4_architecture("meta", parts=("unet",))["unet"]
+    s = DDIMSampler(unet, sd.scheduler, SamplerConfig(num_steps=50, noise_index=37, denoise_steps=2))
+    z = torch.empty(2, 4, 64, 64, device="meta")
+    cond = torch.empty(2, 15, 768, device="meta")
+    uncond = torch.empty(1, 15, 768, device="meta")
+    with torch.no_grad():
+        out = s.sample(z, cond, uncond, generators([1, 2]))
+    assert out.shape == (2, 4, 64, 64) and out.device.type == "meta"
+    assert s.unet_calls == 2 * 2 * 2
