@@ -18,7 +18,6 @@ or float (n, 3, H, W) in [0, 1].
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 
 #: Both images are compared at NSD's stimulus size (EVALUATION.md).

@@ -170,8 +170,8 @@ class DDIMSampler:
 
     def eps(self, x: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
         """Guided noise prediction at timestep t: ``eps_u + g (eps_c - eps_u)``; both branches in one UNet
-        batch ``[uncond, cond]`` as diffusers and CompVis run them. x (n, 4, h, w); cond, uncond
-        (n, tokens, width)."""
+        batch ``[uncond, cond]`` as diffusers and CompVis run them. x (n, 4, h, w); cond (n, tokens, width);
+        uncond (n or 1, tokens, width)."""
         g = self.config.guidance_scale
         timestep = torch.tensor(t, device=x.device)
         if g == 1.0 or uncond is None:
@@ -179,8 +179,11 @@ class DDIMSampler:
                 raise ValueError("guidance_scale != 1 needs the unconditional embedding")
             self.unet_calls += len(x)
             return self.unet(x, timestep, encoder_hidden_states=cond.to(x.dtype)).sample
-        both = self.unet(torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([uncond, cond]).to(x.dtype)).sample
+        uncond = uncond.expand(len(x), -1, -1)
+        # Counted before the pass: a checkpointed step's recomputation stops early, as soon as the tensors the
+        # backward pass needs exist again, and would never reach a line after the UNet call.
         self.unet_calls += 2 * len(x)
+        both = self.unet(torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([uncond, cond]).to(x.dtype)).sample
         eps_u, eps_c = both.chunk(2)
         return eps_u + g * (eps_c - eps_u)
 

@@ -62,3 +62,19 @@ def tiny_dir(tmp_path_factory):
     from mdlib import models
 
     return models.build_tiny_models(tmp_path_factory.mktemp("tiny") / "tiny-v1")
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_dir):
+    """The tiny Stable Diffusion set on the CPU, float32."""
+    from mdlib import models
+
+    return models.load_sd(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_dir):
+    """The tiny CLIP vision model on the CPU, float32."""
+    from mdlib import models
+
+    return models.load_clip_vision(tiny_dir, device="cpu")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdlib import decoding, features, models
+from mdlib import decoding, features
 from mdlib.nsd.betas import load_betas
 from mdlib.ridge import RidgeDecoder
 
@@ -18,16 +18,6 @@ def mini_root(tmp_path_factory):
     write_mini_nsd(root, subjects=(1,), n_shared=8, n_per_subject=40, trials_per_session=24, stim_size=32,
                    progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_dir):
-    return models.load_sd(tiny_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_dir):
-    return models.load_clip_vision(tiny_dir, device="cpu")
 
 
 def test_equals_a_direct_fit(mini_root, sd):

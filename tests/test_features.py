@@ -23,20 +23,10 @@ def mini_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd(tiny_dir):
-    return models.load_sd(tiny_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def sd64(tiny_dir):
     """float64: batch-composition checks without float32 rounding (a random-weight VAE amplifies it ~1e3x on
     mini-NSD's flat scenes, through GroupNorm of near-constant groups)."""
     return models.load_sd(tiny_dir, device="cpu", dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def clip(tiny_dir):
-    return models.load_clip_vision(tiny_dir, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- z

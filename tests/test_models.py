@@ -26,11 +26,6 @@ CAPTIONS = [
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def sd(tiny_dir):
-    return models.load_sd(tiny_dir, device="cpu")
-
-
 @pytest.fixture
 def deadline():
     """Fail (instead of hanging) if a test that must not touch the network takes more than 30 s."""

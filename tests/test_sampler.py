@@ -12,11 +12,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def sd(tiny_dir):
-    return models.load_sd(tiny_dir, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def sd64(tiny_dir):
     return models.load_sd(tiny_dir, device="cpu", dtype=torch.float64)
 

@@ -12,11 +12,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUICK = SamplerConfig(num_steps=10, noise_index=7, denoise_steps=7)
 
 
-@pytest.fixture(scope="module")
-def sd(tiny_dir):
-    return models.load_sd(tiny_dir, device="cpu")
-
-
 def _inputs(sd, n=3, tokens=15, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, *sd.latent_shape, generator=g)

@@ -1,0 +1,473 @@
+"""Stage 2: structural control by backpropagation through the sampler (``shared/METHOD.md``; lesson 05).
+
+Stage 1 keeps the semantics but loses where things are and how they are oriented. Stage 2 restores them with
+the fMRI-decoded low-level CLIP features (blocks 1-6 ``c_proj`` outputs and the image embedding of
+ViT-B/32): it generates an image from (z, c), extracts the same features from it, and changes z (and c) so
+that they come closer to the decoded ones.
+
+**Published mode** (:func:`guide_published`): every iteration runs the whole stage-1 sampler (35 DDIM steps,
+guidance 5.0), the VAE decoder and CLIP, then backpropagates the feature loss through all of it into z
+(released code: z only; the paper's Algorithm 1: z and c) with Adam (lr 0.01) and ExponentialLR (0.999).
+Each denoising step is checkpointed (:class:`mdlib.sampler.DDIMSampler` ``checkpoint=True``), so the
+activations of only one step live at a time and memory does not grow with the number of steps. The cost is
+iterations x 35 steps x 2 guidance branches UNet passes forward, and as many again recomputed and
+backpropagated: hours per image on a GPU at 300 iterations.
+
+**Fast mode** (:func:`guide_fast`): one sampling pass; at every step the model's estimate of the clean
+latent ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)`` is decoded, its features compared with the decoded
+ones, and the noise estimate is shifted along the loss gradient (universal guidance's forward guidance,
+Bansal et al. 2023: ``eps' = eps + s sqrt(1 - a_t) grad_x L``) before the DDIM update. Cost: one sampling
+pass plus one backward pass per step.
+
+The loss (:class:`FeatureTargets`): sum over blocks of the mean squared error over each block's kept
+features (the released code keeps the 25% best-decoded features per layer; we rank them by their
+leave-one-out R^2 on the training images, so the test set is never looked at), plus ``cos_weight`` (0.1 in
+the code) x (1 - cosine) between the image embeddings. Images in a batch are independent: the loss is a sum
+over images and Adam works element-wise, so a batch gives what separate runs would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdlib import features
+from mdlib.models import ClipVision, SDModels
+from mdlib.record import write_json_atomic
+from mdlib.sampler import DDIMSampler, SamplerConfig, generators
+
+#: The released code's share of features kept per layer (the best decoded).
+RELEASED_KEEP = 0.25
+#: The released code's weight of (1 - cosine) on the image embedding.
+RELEASED_COS_WEIGHT = 0.1
+#: Iterations at which the paper's figure shows the image.
+PAPER_SNAPSHOTS = (0, 30, 90, 180)
+
+
+# ------------------------------------------------------------------------------------------- the loss
+
+@dataclass
+class FeatureTargets:
+    """Decoded structural features of n images and which features count (lesson 05).
+
+    Attributes:
+        blocks: name (``block1`` ...) -> (n, tokens, width) float32 decoded features.
+        embedding: (n, dim) decoded image embedding, or None (no cosine term).
+        masks: name -> (tokens, width) bool: the features kept (default: all).
+        cos_weight: weight of ``1 - cos(embedding)``.
+    """
+
+    blocks: dict[str, torch.Tensor]
+    embedding: torch.Tensor | None = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    cos_weight: float = RELEASED_COS_WEIGHT
+
+    @classmethod
+    def from_decoded(cls, decoded, rows=None, keep: float = RELEASED_KEEP, cos_weight: float = RELEASED_COS_WEIGHT,
+                     device=None, use: str = "pred") -> FeatureTargets:
+        """From :class:`mdlib.decoding.Decoded` (its ``clip_*`` families): rows (default all) of
+        ``decoded.pred`` (or ``decoded.true`` with ``use="true"``, the oracle), keeping per block the ``keep``
+        fraction of features with the highest leave-one-out R^2 (:func:`best_decoded_mask`)."""
+        src = decoded.pred if use == "pred" else decoded.true
+        rows = slice(None) if rows is None else rows
+        names = sorted((k[5:] for k in src if k.startswith("clip_block")), key=lambda s: int(s[5:]))
+        if not names:
+            raise ValueError("decoded has no clip_block* families: decode them with a CLIP model first")
+        as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
+        blocks = {n: as_t(src[f"clip_{n}"][rows]) for n in names}
+        masks = {n: torch.as_tensor(best_decoded_mask(decoded.cv_r2[f"clip_{n}"], keep), device=device)
+                 .reshape(blocks[n].shape[1:]) for n in names}
+        emb = as_t(src["clip_embedding"][rows]) if "clip_embedding" in src else None
+        return cls(blocks=blocks, embedding=emb, masks=masks, cos_weight=cos_weight if emb is not None else 0.0)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.blocks.values())))
+
+    def subset(self, rows) -> FeatureTargets:
+        return FeatureTargets({k: v[rows] for k, v in self.blocks.items()},
+                              None if self.embedding is None else self.embedding[rows], self.masks, self.cos_weight)
+
+    def per_image_loss(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n,) loss of each image from its features (:func:`mdlib.features.clip_lowlevel_features`)."""
+        total = 0.0
+        for name, target in self.blocks.items():
+            diff = (feats[name] - target.to(feats[name])) ** 2
+            mask = self.masks.get(name)
+            if mask is not None:
+                diff = diff[:, mask.to(diff.device)]
+            total = total + diff.reshape(len(diff), -1).mean(1)
+        if self.embedding is not None and self.cos_weight:
+            cos = torch.nn.functional.cosine_similarity(feats["embedding"], self.embedding.to(feats["embedding"]), dim=1)
+            total = total + self.cos_weight * (1.0 - cos)
+        return total
+
+
+def best_decoded_mask(score: np.ndarray, keep: float = RELEASED_KEEP) -> np.ndarray:
+    """(t,) bool: the ``keep`` fraction of features with the highest score (NaN scores: all features kept,
+    e.g. FastL2LiR gives no leave-one-out score)."""
+    score = np.asarray(score, dtype=np.float64)
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if np.isnan(score).all() or keep == 1:
+        return np.ones(score.shape, dtype=bool)
+    k = max(1, int(round(keep * score.size)))
+    order = np.argsort(np.where(np.isnan(score), -np.inf, score), kind="stable")[::-1]
+    mask = np.zeros(score.shape, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def image_features(sd: SDModels, clip: ClipVision, latents: torch.Tensor, blocks: Sequence[str]) -> tuple:
+    """Latents -> VAE decoder -> images (n, 3, S, S) in [0, 1] and their CLIP structural features, both
+    differentiable (the chain stage 2 inverts)."""
+    images = features.decode_latents(sd, latents, grad=True)
+    nums = [int(b[5:]) for b in blocks]
+    return images, features.clip_lowlevel_features(clip, images, differentiable=True, blocks=nums)
+
+
+def render_loss(sd: SDModels, clip: ClipVision, sampler: DDIMSampler, z: torch.Tensor, cond: torch.Tensor,
+                uncond: torch.Tensor | None, targets: FeatureTargets, gens, checkpoint: bool = True) -> tuple:
+    """One forward pass of the published objective: (z, c) -> sampler -> VAE -> CLIP -> per-image loss (n,).
+    Returns (loss, images, latents), with the autograd graph back to z and cond."""
+    with torch.enable_grad():
+        latents = sampler.sample(z, cond, uncond, gens, checkpoint=checkpoint)
+        images, feats = image_features(sd, clip, latents, list(targets.blocks))
+        return targets.per_image_loss(feats), images, latents
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+@dataclass
+class Stage2Output:
+    """Results of :func:`guide_published` / :func:`guide_fast`.
+
+    Attributes:
+        images: (n, S, S, 3) uint8 final images; latents: (n, 4, h, w) float32 (the sampled latents).
+        z: (n, 4, h, w) float32 the optimised z (published mode; the input z in fast mode).
+        loss: per-image feature loss. Published mode: (iterations + 1, n), at each iteration's image (row 0:
+            stage 1's image). Fast mode: (guided steps + 1, n), of the clean-latent estimate at each guided
+            step, then (last row) of the final image.
+        snapshots: iteration -> (n, S, S, 3) uint8 images (published mode).
+        cost: UNet passes (forward, as counted by the sampler, backward recomputations included), wall time (s),
+            peak memory (bytes: CUDA's max allocated, or the process' peak RSS on the CPU).
+    """
+
+    images: np.ndarray
+    latents: np.ndarray
+    z: np.ndarray
+    loss: np.ndarray
+    snapshots: dict[int, np.ndarray]
+    cost: dict
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.detach().permute(0, 2, 3, 1).float().cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _autocast(device: torch.device, autocast: str | None):
+    if not autocast:
+        return contextlib.nullcontext()
+    dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if autocast not in dt:
+        raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
+    return torch.autocast(device_type=device.type, dtype=dt[autocast])
+
+
+def _inputs(sd: SDModels, z, c, targets: FeatureTargets, seeds, sampler_config: SamplerConfig | None,
+            c_includes_bos: bool) -> tuple:
+    """Both modes' inputs on the models' device: (sampler, z (n, 4, h, w), cond (n, tokens, width) with the
+    BOS row, uncond (1, tokens, width) or None without guidance), with one row per image checked."""
+    from mdlib.stage1 import unconditional, with_bos
+
+    sampler = DDIMSampler(sd.unet, sd.scheduler, sampler_config or SamplerConfig())
+    z0 = torch.as_tensor(np.asarray(z, dtype=np.float32), device=sd.device)
+    c = torch.as_tensor(np.asarray(c, dtype=np.float32), device=sd.device)
+    cond = c if c_includes_bos else with_bos(sd, c)
+    n = len(z0)
+    if len(cond) != n or len(targets) != n or len(seeds) != n:
+        raise ValueError(f"z ({n}), c ({len(cond)}), targets ({len(targets)}) and seeds ({len(seeds)}) must "
+                         "have one row per image")
+    uncond = unconditional(sd, cond.shape[1]) if sampler.config.guidance_scale != 1.0 else None
+    return sampler, z0, cond, uncond
+
+
+@dataclass(frozen=True)
+class PublishedConfig:
+    """The published optimisation (METHOD.md, stage 2); defaults are the released code's.
+
+    Attributes:
+        iterations: optimisation steps (code: up to 300; the paper's figures: 90-180).
+        lr, gamma: Adam's learning rate (0.01) and ExponentialLR's decay per iteration (0.999).
+        update: which inputs change: ``("z",)`` (released code) or ``("z", "c")`` (paper, Algorithm 1).
+        fresh_noise: draw new sampler noise every iteration (False: the same seeded noise each time).
+        checkpoint: recompute each step's activations in the backward pass (memory flat in the steps).
+        autocast: None, ``"bf16"`` or ``"fp16"`` (CUDA) mixed precision of the forward passes.
+        snapshots: iterations whose image is kept (the paper's figure: 0, 30, 90, 180).
+    """
+
+    iterations: int = 300
+    lr: float = 0.01
+    gamma: float = 0.999
+    update: tuple[str, ...] = ("z",)
+    fresh_noise: bool = False
+    checkpoint: bool = True
+    autocast: str | None = None
+    snapshots: tuple[int, ...] = PAPER_SNAPSHOTS
+
+    def __post_init__(self) -> None:
+        if not set(self.update) <= {"z", "c"} or not self.update:
+            raise ValueError(f"update must be ('z',), ('c',) or ('z', 'c'), got {self.update}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+
+
+def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, seeds: Sequence[int], *,
+                    config: PublishedConfig | None = None, sampler_config: SamplerConfig | None = None,
+                    c_includes_bos: bool = False, state_dir: str | os.PathLike | None = None, save_every: int = 10,
+                    progress: bool = True) -> Stage2Output:
+    """Stage 2 as published: optimise z (and c) through the whole sampler (lesson 05).
+
+    Args:
+        sd, clip: the models (on the same device). z: (n, 4, h, w) decoded latents; c: (n, tokens - 1, width)
+            decoded caption embeddings (BOS row added here) or (n, tokens, width) with ``c_includes_bos``.
+        targets: :class:`FeatureTargets` of the same n images. seeds: one per image (the sampler's noise).
+        config: :class:`PublishedConfig`; sampler_config: the stage-1 sampler (default: published).
+        state_dir: save the optimisation state (z, c, Adam's moments, losses) every ``save_every`` iterations
+            as ``stage2_state.npz`` + ``.json`` and resume from it: an interrupted run loses at most
+            ``save_every`` iterations. The state must belong to the same inputs and settings.
+        progress: a tqdm bar over iterations (postfix: the mean loss).
+    """
+    from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
+
+    config = config or PublishedConfig()
+    device = sd.device
+    sampler, z0, cond0, uncond = _inputs(sd, z, c, targets, seeds, sampler_config, c_includes_bos)
+    z_var = z0.clone().requires_grad_("z" in config.update)
+    c_var = cond0.clone().requires_grad_("c" in config.update)
+    params = [p for p in (z_var, c_var) if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=config.lr)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
+    seeds = [int(s) for s in seeds]
+    losses: list[np.ndarray] = []
+    snapshots: dict[int, np.ndarray] = {}
+    start_it = 0
+    state = _State(state_dir, z0, cond0, seeds, config, sampler.config) if state_dir is not None else None
+    if state is not None:
+        start_it, losses, snapshots = state.load(z_var, c_var, opt, sched)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, calls0 = time.perf_counter(), sampler.unet_calls
+    bar = tqdm(total=config.iterations + 1, initial=start_it, desc="stage 2 (published)", disable=not progress)
+    last_latents = last_images = None
+    for it in range(start_it, config.iterations + 1):
+        # Iteration `it` scores the image of the current z; the last one (it == iterations) only scores.
+        gens = generators([s + it * 7919 if config.fresh_noise else s for s in seeds])
+        with _autocast(device, config.autocast):
+            per_image, images, lat = render_loss(sd, clip, sampler, z_var, c_var, uncond, targets, gens,
+                                                 checkpoint=config.checkpoint)
+        losses.append(per_image.detach().float().cpu().numpy())
+        if it in config.snapshots or it == config.iterations:
+            snapshots[it] = _to_uint8(images)
+        last_latents, last_images = lat.detach(), images.detach()
+        if it < config.iterations:
+            opt.zero_grad(set_to_none=True)
+            per_image.sum().backward()
+            opt.step()
+            sched.step()
+        bar.update()
+        bar.set_postfix(loss=f"{float(losses[-1].mean()):.4g}")
+        if state is not None and (it + 1) % save_every == 0 and it < config.iterations:
+            state.save(it + 1, z_var, c_var, opt, sched, losses, snapshots)
+    bar.close()
+    if last_latents is None:  # resumed a finished run: score the final z once more
+        with torch.no_grad():
+            last_latents = sampler.sample(z_var, c_var, uncond, generators(seeds))
+            last_images = features.decode_latents(sd, last_latents)
+    if state is not None:
+        state.save(config.iterations + 1, z_var, c_var, opt, sched, losses, snapshots)
+    cost = {"unet_passes": sampler.unet_calls - calls0, "wall_s": time.perf_counter() - t0,
+            "peak_memory_bytes": _peak_memory(device), "iterations": config.iterations,
+            "resumed_at": start_it}
+    return Stage2Output(images=_to_uint8(last_images), latents=last_latents.float().cpu().numpy(),
+                        z=z_var.detach().float().cpu().numpy(), loss=np.stack(losses), snapshots=snapshots,
+                        cost=cost)
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    """The fast mode: feature guidance at every step of one sampling pass (universal guidance's forward
+    guidance through the clean-latent estimate).
+
+    Attributes:
+        scale: step size s of ``eps' = eps + s sqrt(1 - a_t) grad_x L`` (larger: stronger control).
+        normalize: divide each image's gradient by its RMS (s is then a step in noise-standard-deviations,
+            independent of the loss' scale).
+        through_unet: backpropagate through the UNet's noise estimate (True, exact gradient of L(x0(x_t)));
+            False treats eps as constant (``grad_x = grad_x0 / sqrt(a_t)``): no UNet backward pass at all.
+        repeats: forward-guidance recurrences per step (universal guidance's k; each costs one more UNet pass).
+        start, stop: guide only steps start..stop-1 of the denoising (default: all).
+        autocast: as in :class:`PublishedConfig`.
+    """
+
+    scale: float = 1.0
+    normalize: bool = True
+    through_unet: bool = True
+    repeats: int = 1
+    start: int = 0
+    stop: int | None = None
+    autocast: str | None = None
+
+
+def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, seeds: Sequence[int], *,
+               config: FastConfig | None = None, sampler_config: SamplerConfig | None = None,
+               c_includes_bos: bool = False, progress: bool = True) -> Stage2Output:
+    """Stage 2, fast: one guided sampling pass (lesson 05). Arguments as :func:`guide_published`."""
+    from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
+
+    config = config or FastConfig()
+    device = sd.device
+    sampler, z0, cond, uncond = _inputs(sd, z, c, targets, seeds, sampler_config, c_includes_bos)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, calls0 = time.perf_counter(), sampler.unet_calls
+    gens = generators([int(s) for s in seeds])
+    shape = tuple(z0.shape[1:])
+    from mdlib.sampler import draw_noise
+
+    x = sampler.add_noise(z0.to(sd.dtype), draw_noise(gens, shape, device, sd.dtype))
+    steps = sampler.denoise_timesteps
+    stop = len(steps) if config.stop is None else config.stop
+    bar = tqdm(total=len(steps), desc="stage 2 (fast)", disable=not progress)
+    step_losses = []
+    for i, t in enumerate(steps):
+        a_t = sampler.alpha(t)
+        guided = config.start <= i < stop
+        for r in range(config.repeats if guided else 1):
+            if guided:
+                x_in = x.detach().requires_grad_(True)
+                with torch.enable_grad(), _autocast(device, config.autocast):
+                    if config.through_unet:
+                        eps = sampler.eps(x_in, t, cond, uncond)
+                        x0 = sampler.predict_x0(x_in, eps, t)
+                    else:
+                        with torch.no_grad():
+                            eps = sampler.eps(x_in, t, cond, uncond)
+                        x0 = sampler.predict_x0(x_in, eps, t)
+                    per_image = targets.per_image_loss(image_features(sd, clip, x0, list(targets.blocks))[1])
+                grad = torch.autograd.grad(per_image.sum(), x_in)[0]
+                if r == 0:
+                    step_losses.append(per_image.detach().float().cpu().numpy())
+                if config.normalize:
+                    rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+                    grad = grad / rms
+                eps = eps.detach() + config.scale * math.sqrt(1 - a_t) * grad
+            else:
+                with torch.no_grad():
+                    eps = sampler.eps(x, t, cond, uncond)
+            step_noise = draw_noise(gens, shape, device, sd.dtype) if sampler.config.eta > 0 else None
+            with torch.no_grad():
+                x_next = sampler.step(x.detach(), eps.detach(), t, step_noise)
+            # universal guidance's recurrence: go back to level t with fresh noise and guide again
+            if guided and r < config.repeats - 1:
+                a_prev = sampler.alpha(sampler.previous_timestep(t))
+                renoise = draw_noise(gens, shape, device, sd.dtype)
+                x = (a_t / a_prev) ** 0.5 * x_next + (1 - a_t / a_prev) ** 0.5 * renoise
+            else:
+                x = x_next
+        bar.update()
+    bar.close()
+    with torch.no_grad():
+        images = features.decode_latents(sd, x)
+    cost = {"unet_passes": sampler.unet_calls - calls0, "wall_s": time.perf_counter() - t0,
+            "peak_memory_bytes": _peak_memory(device)}
+    step_losses.append(_score(sd, clip, targets, x))
+    return Stage2Output(images=_to_uint8(images), latents=x.float().cpu().numpy(), z=z0.cpu().numpy(),
+                        loss=np.stack(step_losses), snapshots={}, cost=cost)
+
+
+def score_latents(sd: SDModels, clip: ClipVision, targets: FeatureTargets, latents) -> np.ndarray:
+    """(n,) feature loss of the images of sampled latents (e.g. stage 1's, to compare with stage 2's)."""
+    return _score(sd, clip, targets, torch.as_tensor(np.asarray(latents, dtype=np.float32), device=sd.device))
+
+
+def _score(sd, clip, targets, latents) -> np.ndarray:
+    with torch.no_grad():
+        images = features.decode_latents(sd, latents)
+        feats = features.clip_lowlevel_features(clip, images, differentiable=False,
+                                                blocks=[int(b[5:]) for b in targets.blocks])
+        return targets.per_image_loss(feats).float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------- resumable state
+
+class _State:
+    """The published optimisation's state on disk: npz (tensors) + JSON (identity and progress)."""
+
+    def __init__(self, folder, z0, cond0, seeds, config: PublishedConfig, sampler_config: SamplerConfig):
+        import hashlib
+
+        self.folder = Path(folder).expanduser()
+        h = hashlib.sha256()
+        for t in (z0, cond0):
+            h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
+        h.update(repr((list(seeds), asdict(config) | {"snapshots": None}, sampler_config.as_dict())).encode())
+        self.key = h.hexdigest()[:24]
+
+    def load(self, z_var, c_var, opt, sched) -> tuple[int, list, dict]:
+        import json
+
+        meta_path, arr_path = self.folder / "stage2_state.json", self.folder / "stage2_state.npz"
+        if not (meta_path.is_file() and arr_path.is_file()):
+            return 0, [], {}
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != self.key:
+            raise ValueError(f"{self.folder} holds the state of another stage-2 run (other inputs or settings): "
+                             "use another state_dir, or delete that folder to start over")
+        with np.load(arr_path) as f:
+            with torch.no_grad():
+                z_var.copy_(torch.as_tensor(f["z"]))
+                c_var.copy_(torch.as_tensor(f["c"]))
+            opt_state = opt.state_dict()
+            for k, p in enumerate(opt.param_groups[0]["params"]):
+                opt_state["state"][k] = {"step": torch.tensor(float(f[f"step{k}"])),
+                                         "exp_avg": torch.as_tensor(f[f"exp_avg{k}"], device=p.device),
+                                         "exp_avg_sq": torch.as_tensor(f[f"exp_avg_sq{k}"], device=p.device)}
+            opt.load_state_dict(opt_state)
+            losses = list(f["losses"])
+            snapshots = {int(k[4:]): f[k] for k in f.files if k.startswith("snap")}
+        sched.load_state_dict({**sched.state_dict(), "last_epoch": meta["iteration"],
+                               "_last_lr": [meta["lr"]]})
+        for g in opt.param_groups:
+            g["lr"] = meta["lr"]
+        return int(meta["iteration"]), losses, snapshots
+
+    def save(self, iteration, z_var, c_var, opt, sched, losses, snapshots) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"z": z_var.detach().float().cpu().numpy(), "c": c_var.detach().float().cpu().numpy(),
+                  "losses": np.stack(losses), **{f"snap{k}": v for k, v in snapshots.items()}}
+        for k, p in enumerate(opt.param_groups[0]["params"]):
+            st = opt.state.get(p, {})
+            if st:
+                arrays[f"step{k}"] = np.array(float(st["step"]))
+                arrays[f"exp_avg{k}"] = st["exp_avg"].detach().cpu().numpy()
+                arrays[f"exp_avg_sq{k}"] = st["exp_avg_sq"].detach().cpu().numpy()
+        tmp = self.folder / "stage2_state.part.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, self.folder / "stage2_state.npz")
+        write_json_atomic(self.folder / "stage2_state.json",
+                          {"key": self.key, "iteration": int(iteration), "lr": float(opt.param_groups[0]["lr"])})

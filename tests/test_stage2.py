@@ -1,0 +1,166 @@
+"""mdlib.stage2: the feature loss, gradients through the whole sampler (checkpointed or not), both modes
+lowering the loss, and an interrupted published run resuming to the same result."""
+
+import numpy as np
+import pytest
+import torch
+
+from mdlib import models, stage2
+from mdlib.sampler import DDIMSampler, SamplerConfig, generators
+from mdlib.stage1 import unconditional, with_bos
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+#: A short sampler with the published structure (noise one level above the first step, guidance 5).
+SHORT = SamplerConfig(num_steps=10, noise_index=6, denoise_steps=5)
+
+
+def _problem(sd, clip, n=2, seed=0, dtype=torch.float32):
+    """Inputs and decoded-feature targets: the targets are the features of other random latents' images."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *sd.latent_shape, generator=g, dtype=dtype)
+    c = torch.randn(n, 14, sd.text_width, generator=g, dtype=dtype)
+    with torch.no_grad():
+        other = torch.randn(n, *sd.latent_shape, generator=g, dtype=dtype)
+        _, feats = stage2.image_features(sd, clip, other, [f"block{b}" for b in range(1, 7)])
+    targets = stage2.FeatureTargets({f"block{b}": feats[f"block{b}"] for b in range(1, 7)}, feats["embedding"])
+    return z, c, targets
+
+
+def test_loss_is_masked_mse_plus_cosine(rng):
+    t = {"block1": torch.as_tensor(rng.normal(size=(2, 5, 4)), dtype=torch.float32),
+         "block2": torch.as_tensor(rng.normal(size=(2, 5, 4)), dtype=torch.float32)}
+    emb = torch.as_tensor(rng.normal(size=(2, 3)), dtype=torch.float32)
+    mask = torch.as_tensor(rng.random((5, 4)) < 0.3)
+    targets = stage2.FeatureTargets(t, emb, masks={"block1": mask}, cos_weight=0.1)
+    f = {k: torch.as_tensor(rng.normal(size=(2, 5, 4)), dtype=torch.float32) for k in t}
+    f["embedding"] = torch.as_tensor(rng.normal(size=(2, 3)), dtype=torch.float32)
+    got = targets.per_image_loss(f).numpy()
+    for i in range(2):
+        a = ((f["block1"][i].numpy() - t["block1"][i].numpy()) ** 2)[mask.numpy()].mean()
+        b = ((f["block2"][i].numpy() - t["block2"][i].numpy()) ** 2).mean()
+        e, d = f["embedding"][i].numpy(), emb[i].numpy()
+        cos = e @ d / np.linalg.norm(e) / np.linalg.norm(d)
+        assert got[i] == pytest.approx(a + b + 0.1 * (1 - cos), rel=1e-5)
+
+
+def test_best_decoded_mask():
+    score = np.array([0.1, 0.9, np.nan, 0.5, 0.3, 0.7, -0.2, 0.8])
+    m = stage2.best_decoded_mask(score, keep=0.25)
+    assert m.tolist() == [False, True, False, False, False, False, False, True]
+    assert stage2.best_decoded_mask(np.full(8, np.nan)).all()        # no score (FastL2LiR): keep everything
+    assert stage2.best_decoded_mask(score, keep=1.0).all()
+    with pytest.raises(ValueError):
+        stage2.best_decoded_mask(score, keep=0)
+
+
+def test_gradients_reach_z_and_c_and_checkpointing_changes_nothing(tiny_dir):
+    """float64: the gradient of the loss with respect to z and c, through every step, the VAE and CLIP."""
+    sd = models.load_sd(tiny_dir, device="cpu", dtype=torch.float64)
+    clip = models.load_clip_vision(tiny_dir, device="cpu", dtype=torch.float64)
+    z, c, targets = _problem(sd, clip, dtype=torch.float64)
+    sampler = DDIMSampler(sd.unet, sd.scheduler, SHORT)
+    cond0 = with_bos(sd, c).double()
+    uncond = unconditional(sd, 15).double()
+    grads = []
+    for ckpt in (False, True):
+        zz, cc = z.clone().requires_grad_(True), cond0.clone().requires_grad_(True)
+        loss, _, _ = stage2.render_loss(sd, clip, sampler, zz, cc, uncond, targets, generators([1, 2]), checkpoint=ckpt)
+        loss.sum().backward()
+        grads.append((zz.grad, cc.grad))
+    (gz, gc), (gz_ck, gc_ck) = grads
+    for g in (gz, gc):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+    torch.testing.assert_close(gz_ck, gz, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(gc_ck, gc, rtol=1e-6, atol=1e-12)
+    # per-image independence: image 0's loss does not depend on image 1's inputs
+    zz = z.clone().requires_grad_(True)
+    loss, _, _ = stage2.render_loss(sd, clip, sampler, zz, cond0, uncond, targets, generators([1, 2]))
+    loss[0].backward()
+    assert zz.grad[1].abs().max() == 0 and zz.grad[0].abs().max() > 0
+
+
+def test_published_mode_lowers_the_loss_and_updates_what_it_is_told(sd, clip):
+    z, c, targets = _problem(sd, clip)
+    cfg = stage2.PublishedConfig(iterations=4, lr=0.05, snapshots=(0, 2))
+    out = stage2.guide_published(sd, clip, z, c, targets, [5, 6], config=cfg, sampler_config=SHORT, progress=False)
+    assert out.loss.shape == (5, 2)
+    assert (out.loss[-1] < out.loss[0]).all()
+    assert set(out.snapshots) == {0, 2, 4} and out.snapshots[0].shape == (2, sd.image_size, sd.image_size, 3)
+    assert not np.allclose(out.z, z.numpy())
+    # iterations x (35-step equivalents: forward + recomputed in the backward) + the final scoring pass
+    assert out.cost["unet_passes"] == 4 * 2 * SHORT.unet_evaluations(2) + SHORT.unet_evaluations(2)
+    # row 0 is stage 1's image: the same loss as scoring stage 1's latents
+    from mdlib import stage1
+
+    s1 = stage1.reconstruct(sd, z, c, [5, 6], config=SHORT, progress=False)
+    np.testing.assert_allclose(out.loss[0], stage2.score_latents(sd, clip, targets, s1.latents), rtol=1e-4)
+    np.testing.assert_array_equal(out.snapshots[0], s1.images)
+    only_c = stage2.guide_published(sd, clip, z, c, targets, [5, 6], sampler_config=SHORT, progress=False,
+                                    config=stage2.PublishedConfig(iterations=2, update=("c",)))
+    np.testing.assert_array_equal(only_c.z, z.numpy())
+    assert only_c.loss[-1].mean() != only_c.loss[0].mean()
+
+
+def test_fast_mode_lowers_the_loss_with_one_pass(sd, clip):
+    z, c, targets = _problem(sd, clip, seed=1)
+    from mdlib import stage1
+
+    s1 = stage1.reconstruct(sd, z, c, [5, 6], config=SHORT, progress=False)
+    before = stage2.score_latents(sd, clip, targets, s1.latents)
+    for through_unet in (True, False):
+        out = stage2.guide_fast(sd, clip, z, c, targets, [5, 6], sampler_config=SHORT, progress=False,
+                                config=stage2.FastConfig(scale=2.0, through_unet=through_unet))
+        assert out.loss.shape == (SHORT.denoise_steps + 1, 2)
+        assert (out.loss[-1] < before).all()
+        assert out.cost["unet_passes"] == SHORT.unet_evaluations(2)
+    off = stage2.guide_fast(sd, clip, z, c, targets, [5, 6], sampler_config=SHORT, progress=False,
+                            config=stage2.FastConfig(scale=0.0))
+    np.testing.assert_allclose(off.latents, s1.latents, rtol=1e-4, atol=1e-5)   # no guidance: stage 1
+
+
+def test_interrupted_run_resumes_to_the_same_result(sd, clip, tmp_path, monkeypatch):
+    z, c, targets = _problem(sd, clip, seed=2)
+    cfg = stage2.PublishedConfig(iterations=5, lr=0.05, snapshots=(0, 3))
+    kw = dict(config=cfg, sampler_config=SHORT, progress=False)
+    whole = stage2.guide_published(sd, clip, z, c, targets, [1, 2], **kw)
+
+    calls = {"n": 0}
+    real = stage2.FeatureTargets.per_image_loss
+
+    def dies_at_the_fifth(self, feats):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, feats)
+
+    monkeypatch.setattr(stage2.FeatureTargets, "per_image_loss", dies_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        stage2.guide_published(sd, clip, z, c, targets, [1, 2], state_dir=tmp_path, save_every=2, **kw)
+    monkeypatch.setattr(stage2.FeatureTargets, "per_image_loss", real)
+    resumed = stage2.guide_published(sd, clip, z, c, targets, [1, 2], state_dir=tmp_path, save_every=2, **kw)
+    assert resumed.cost["resumed_at"] == 4
+    np.testing.assert_allclose(resumed.z, whole.z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(resumed.loss, whole.loss, rtol=1e-5)
+    assert set(resumed.snapshots) == {0, 3, 5}
+    np.testing.assert_array_equal(resumed.snapshots[0], whole.snapshots[0])
+    with pytest.raises(ValueError, match="another stage-2 run"):
+        stage2.guide_published(sd, clip, z + 1, c, targets, [1, 2], state_dir=tmp_path, **kw)
+
+
+def test_from_decoded_keeps_the_best_decoded_quarter(rng):
+    from mdlib.decoding import Decoded
+
+    n, shape = 3, (50, 8)
+    pred = {f"clip_block{b}": rng.normal(size=(n, *shape)).astype(np.float32) for b in range(1, 7)}
+    pred["clip_embedding"] = rng.normal(size=(n, 16)).astype(np.float32)
+    cv = {k: rng.random(int(np.prod(v.shape[1:]))) for k, v in pred.items()}
+    d = Decoded(nsd_ids=np.arange(n), pred=pred, true=pred, cv_r2=cv)
+    t = stage2.FeatureTargets.from_decoded(d, rows=[0, 2])
+    assert list(t.blocks) == [f"block{b}" for b in range(1, 7)] and len(t) == 2
+    m = t.masks["block3"].numpy().ravel()
+    assert m.sum() == 100 and cv["clip_block3"][m].min() > cv["clip_block3"][~m].max()
+    np.testing.assert_array_equal(t.blocks["block1"].numpy(), pred["clip_block1"][[0, 2]])
+    assert t.cos_weight == 0.1
+    with pytest.raises(ValueError, match="clip_block"):
+        stage2.FeatureTargets.from_decoded(Decoded(nsd_ids=np.arange(n), pred={}, true={}))
