@@ -106,7 +106,8 @@ class FeatureTargets:
                 diff = diff[:, mask.to(diff.device)]
             total = total + diff.reshape(len(diff), -1).mean(1)
         if self.embedding is not None and self.cos_weight:
-            cos = torch.nn.functional.cosine_similarity(feats["embedding"], self.embedding.to(feats["embedding"]), dim=1)
+            emb = feats["embedding"]
+            cos = torch.nn.functional.cosine_similarity(emb, self.embedding.to(emb), dim=1)
             total = total + self.cos_weight * (1.0 - cos)
         return total
 
@@ -157,8 +158,9 @@ class Stage2Output:
             stage 1's image). Fast mode: (guided steps + 1, n), of the clean-latent estimate at each guided
             step, then (last row) of the final image.
         snapshots: iteration -> (n, S, S, 3) uint8 images (published mode).
-        cost: UNet passes (forward, as counted by the sampler, backward recomputations included), wall time (s),
-            peak memory (bytes: CUDA's max allocated, or the process' peak RSS on the CPU).
+        cost: ``unet_passes`` (forward passes, as counted by the sampler, checkpoint recomputations included),
+            ``unet_backward`` (passes backpropagated), ``wall_s``, ``peak_memory_bytes`` (CUDA's max allocated, or
+            the process' peak RSS on the CPU).
     """
 
     images: np.ndarray
@@ -248,8 +250,9 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
         targets: :class:`FeatureTargets` of the same n images. seeds: one per image (the sampler's noise).
         config: :class:`PublishedConfig`; sampler_config: the stage-1 sampler (default: published).
         state_dir: save the optimisation state (z, c, Adam's moments, losses) every ``save_every`` iterations
-            as ``stage2_state.npz`` + ``.json`` and resume from it: an interrupted run loses at most
-            ``save_every`` iterations. The state must belong to the same inputs and settings.
+            as ``<state_dir>/<run key>/stage2_state.npz`` + ``.json``, and resume from it: an interrupted run
+            loses at most ``save_every`` iterations. The run key (:func:`run_key`) hashes the models, inputs,
+            targets, seeds and settings, so a run with anything changed gets a folder of its own.
         progress: a tqdm bar over iterations (postfix: the mean loss).
     """
     from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
@@ -266,7 +269,9 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
     losses: list[np.ndarray] = []
     snapshots: dict[int, np.ndarray] = {}
     start_it = 0
-    state = _State(state_dir, z0, cond0, seeds, config, sampler.config) if state_dir is not None else None
+    state = None
+    if state_dir is not None:
+        state = _State(state_dir, run_key(sd, clip, z0, cond0, targets, seeds, config, sampler.config))
     if state is not None:
         start_it, losses, snapshots = state.load(z_var, c_var, opt, sched)
     if device.type == "cuda":
@@ -300,9 +305,12 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
             last_images = features.decode_latents(sd, last_latents)
     if state is not None:
         state.save(config.iterations + 1, z_var, c_var, opt, sched, losses, snapshots)
-    cost = {"unet_passes": sampler.unet_calls - calls0, "wall_s": time.perf_counter() - t0,
-            "peak_memory_bytes": _peak_memory(device), "iterations": config.iterations,
-            "resumed_at": start_it}
+    # Every UNet pass of an optimisation step's graph is backpropagated once.
+    backward = max(config.iterations - start_it, 0) * sampler.config.unet_evaluations(len(z0))
+    cost = {"unet_passes": sampler.unet_calls - calls0, "unet_backward": backward,
+            "wall_s": time.perf_counter() - t0, "peak_memory_bytes": _peak_memory(device),
+            "iterations": config.iterations, "resumed_at": start_it,
+            "state_dir": None if state is None else str(state.folder)}
     return Stage2Output(images=_to_uint8(last_images), latents=last_latents.float().cpu().numpy(),
                         z=z_var.detach().float().cpu().numpy(), loss=np.stack(losses), snapshots=snapshots,
                         cost=cost)
@@ -354,6 +362,7 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
     stop = len(steps) if config.stop is None else config.stop
     bar = tqdm(total=len(steps), desc="stage 2 (fast)", disable=not progress)
     step_losses = []
+    backward = 0  # UNet passes backpropagated (through_unet: one per guided evaluation)
     for i, t in enumerate(steps):
         a_t = sampler.alpha(t)
         guided = config.start <= i < stop
@@ -370,6 +379,8 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
                         x0 = sampler.predict_x0(x_in, eps, t)
                     per_image = targets.per_image_loss(image_features(sd, clip, x0, list(targets.blocks))[1])
                 grad = torch.autograd.grad(per_image.sum(), x_in)[0]
+                if config.through_unet:
+                    backward += (1 if uncond is None else 2) * len(x_in)
                 if r == 0:
                     step_losses.append(per_image.detach().float().cpu().numpy())
                 if config.normalize:
@@ -393,8 +404,8 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
     bar.close()
     with torch.no_grad():
         images = features.decode_latents(sd, x)
-    cost = {"unet_passes": sampler.unet_calls - calls0, "wall_s": time.perf_counter() - t0,
-            "peak_memory_bytes": _peak_memory(device)}
+    cost = {"unet_passes": sampler.unet_calls - calls0, "unet_backward": backward,
+            "wall_s": time.perf_counter() - t0, "peak_memory_bytes": _peak_memory(device)}
     step_losses.append(_score(sd, clip, targets, x))
     return Stage2Output(images=_to_uint8(images), latents=x.float().cpu().numpy(), z=z0.cpu().numpy(),
                         loss=np.stack(step_losses), snapshots={}, cost=cost)
@@ -415,18 +426,29 @@ def _score(sd, clip, targets, latents) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------- resumable state
 
+def run_key(sd: SDModels, clip: ClipVision, z0: torch.Tensor, cond0: torch.Tensor, targets: FeatureTargets,
+            seeds: Sequence[int], config: PublishedConfig, sampler_config: SamplerConfig) -> str:
+    """A 24-hex-digit hash of everything a published run's result depends on (the models' fingerprints, z, c
+    with BOS, the targets and masks, seeds and settings; not the snapshot list), naming its state folder."""
+    import hashlib
+
+    h = hashlib.sha256(f"{sd.fingerprint('unet')}|{sd.fingerprint('vae')}|{clip.fingerprint()}".encode())
+    tensors = [z0, cond0, *targets.blocks.values(), *targets.masks.values()]
+    if targets.embedding is not None:
+        tensors.append(targets.embedding)
+    for t in tensors:
+        h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
+    h.update(repr((list(targets.blocks), targets.cos_weight, [int(s) for s in seeds],
+                   asdict(config) | {"snapshots": None}, sampler_config.as_dict())).encode())
+    return h.hexdigest()[:24]
+
+
 class _State:
     """The published optimisation's state on disk: npz (tensors) + JSON (identity and progress)."""
 
-    def __init__(self, folder, z0, cond0, seeds, config: PublishedConfig, sampler_config: SamplerConfig):
-        import hashlib
-
-        self.folder = Path(folder).expanduser()
-        h = hashlib.sha256()
-        for t in (z0, cond0):
-            h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
-        h.update(repr((list(seeds), asdict(config) | {"snapshots": None}, sampler_config.as_dict())).encode())
-        self.key = h.hexdigest()[:24]
+    def __init__(self, state_dir, key: str):
+        self.key = key
+        self.folder = Path(state_dir).expanduser() / key
 
     def load(self, z_var, c_var, opt, sched) -> tuple[int, list, dict]:
         import json
@@ -436,8 +458,8 @@ class _State:
             return 0, [], {}
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != self.key:
-            raise ValueError(f"{self.folder} holds the state of another stage-2 run (other inputs or settings): "
-                             "use another state_dir, or delete that folder to start over")
+            raise ValueError(f"{meta_path} belongs to another stage-2 run (key {meta.get('key')}, not {self.key}): "
+                             "delete that folder to start this run over")
         with np.load(arr_path) as f:
             with torch.no_grad():
                 z_var.copy_(torch.as_tensor(f["z"]))
@@ -471,3 +493,28 @@ class _State:
         os.replace(tmp, self.folder / "stage2_state.npz")
         write_json_atomic(self.folder / "stage2_state.json",
                           {"key": self.key, "iteration": int(iteration), "lr": float(opt.param_groups[0]["lr"])})
+
+
+# ------------------------------------------------------------------------------------------- saving
+
+def save_output(out: Stage2Output, folder: str | os.PathLike, names: Sequence[str], record: dict | None = None) -> Path:
+    """Write a stage-2 result: ``<name>.png`` per image, ``stage2.npz`` (latents, z, loss, snapshots) and
+    ``stage2.json`` (cost, names and ``record``: the settings), each atomically (lessons 05-06 read them back).
+    Returns the folder."""
+    from PIL import Image
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [str(x) for x in names]
+    if len(names) != len(out.images):
+        raise ValueError(f"{len(names)} names for {len(out.images)} images")
+    for name, image in zip(names, out.images):
+        tmp = folder / f".{name}.png.part"
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, folder / f"{name}.png")
+    tmp = folder / "stage2.part.npz"
+    np.savez(tmp, latents=out.latents, z=out.z, loss=out.loss, **{f"snap{k}": v for k, v in out.snapshots.items()})
+    os.replace(tmp, folder / "stage2.npz")
+    write_json_atomic(folder / "stage2.json", {"names": names, "cost": out.cost, **(record or {})})
+    return folder
+

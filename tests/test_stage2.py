@@ -144,8 +144,18 @@ def test_interrupted_run_resumes_to_the_same_result(sd, clip, tmp_path, monkeypa
     np.testing.assert_allclose(resumed.loss, whole.loss, rtol=1e-5)
     assert set(resumed.snapshots) == {0, 3, 5}
     np.testing.assert_array_equal(resumed.snapshots[0], whole.snapshots[0])
-    with pytest.raises(ValueError, match="another stage-2 run"):
-        stage2.guide_published(sd, clip, z + 1, c, targets, [1, 2], state_dir=tmp_path, **kw)
+    assert resumed.cost["state_dir"] == str(tmp_path / stage2.run_key(
+        sd, clip, z, with_bos(sd, c), targets, [1, 2], cfg, SHORT))
+    # Other inputs (or settings, or targets) make another run, in a folder of its own: nothing is resumed.
+    other = stage2.guide_published(sd, clip, z + 1, c, targets, [1, 2], state_dir=tmp_path, **kw)
+    assert other.cost["resumed_at"] == 0 and other.cost["state_dir"] != resumed.cost["state_dir"]
+    assert stage2.run_key(sd, clip, z, with_bos(sd, c), targets.subset([1, 0]), [1, 2], cfg, SHORT) != \
+        stage2.run_key(sd, clip, z, with_bos(sd, c), targets, [1, 2], cfg, SHORT)
+    # A finished run read back: its result again, without iterating
+    again = stage2.guide_published(sd, clip, z, c, targets, [1, 2], state_dir=tmp_path, save_every=2, **kw)
+    assert again.cost["resumed_at"] == cfg.iterations + 1 and again.cost["unet_backward"] == 0
+    np.testing.assert_allclose(again.loss, whole.loss, rtol=1e-5)
+    np.testing.assert_array_equal(again.images, whole.images)
 
 
 def test_from_decoded_keeps_the_best_decoded_quarter(rng):

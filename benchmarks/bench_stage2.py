@@ -1,0 +1,243 @@
+"""Benchmark of stage 2 (mdlib.stage2): memory and time against the number of denoising steps, and the
+published mode against the fast mode on the mini path.
+
+Prints markdown tables (paste them into benchmarks/README.md). Not a test: timings depend on the machine.
+
+    python benchmarks/bench_stage2.py            # full: about 40 min on 2 CPU cores
+    python benchmarks/bench_stage2.py --quick    # the same code paths at small sizes: a few minutes
+
+Parts (``--parts``, default both):
+
+1. ``memory``: one iteration of the published objective (sampler -> VAE decoder -> CLIP features -> loss,
+   then the backward pass into z) for 5, 10, 20 and 35 denoising steps, with and without checkpointing each
+   step. Each configuration runs in a fresh process: on the CPU its peak memory is the peak resident set
+   above what the process held after loading the models and one sampling pass without gradients (Linux'
+   VmHWM, reset through /proc/self/clear_refs); on CUDA, ``max_memory_allocated`` above the allocation
+   before the iteration. The models are the tiny ones built at ``--image-size`` (default 256 px, whose
+   latents are 4 x 64 x 64 like SD v1-4's at 512 px), so activations, not weights, dominate.
+2. ``modes``: the course's mini path (mini-NSD subject 1, its decoded CLIP features, the tiny models): stage 1,
+   the published mode (``--iterations``, released settings: Adam lr 0.01, ExponentialLR 0.999, z only) and
+   the fast mode at a few guidance scales, on the same test images and seeds. Reports the feature loss
+   reached, its reduction from stage 1, the share of the published mode's reduction, PixCorr and SSIM
+   against the stimuli, UNet passes (forward, as counted; backward), wall time and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
+
+FULL = dict(steps=(5, 10, 20, 35), batch=2, image_size=256, images=4, iterations=300, scales=(1.0, 2.0, 4.0))
+QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,))
+
+
+def _rss_peak_bytes() -> int:
+    """Peak resident set since the last :func:`_reset_rss_peak` (Linux VmHWM), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_now_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# -- part 1 -----------------------------------------------------------------------------------------------------
+def one_iteration(steps: int, checkpoint: bool, batch: int, image_size: int, device: str) -> dict:
+    """Forward and backward of the published objective once, in this (fresh) process."""
+    from mdlib import models, stage2
+    from mdlib.sampler import DDIMSampler, SamplerConfig, generators
+    from mdlib.stage1 import unconditional, with_bos
+
+    folder = models.tiny_models_dir(image_size=image_size)
+    sd = models.load_sd(folder, device=device)
+    clip = models.load_clip_vision(folder, device=device)
+    # The published structure: z noised two DDIM levels above the first denoising step (37 -> 35 steps).
+    cfg = SamplerConfig(num_steps=50, noise_index=min(steps + 2, 49), denoise_steps=steps)
+    sampler = DDIMSampler(sd.unet, sd.scheduler, cfg)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, *sd.latent_shape, generator=g).to(sd.device)
+    cond = with_bos(sd, torch.randn(batch, 14, sd.text_width, generator=g))
+    uncond = unconditional(sd, 15)
+    blocks = [f"block{b}" for b in range(1, 7)]
+    with torch.no_grad():
+        _, feats = stage2.image_features(sd, clip, torch.randn(batch, *sd.latent_shape, generator=g).to(sd.device),
+                                         blocks)
+        targets = stage2.FeatureTargets({b: feats[b] for b in blocks}, feats["embedding"])
+        sampler.sample(z, cond, uncond, generators(range(batch)))          # warm-up: allocator, kernels
+    if sd.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base, exact = _rss_now_bytes(), _reset_rss_peak()
+    zz = z.clone().requires_grad_(True)
+    calls0 = sampler.unet_calls
+    t0 = time.perf_counter()
+    loss, _, _ = stage2.render_loss(sd, clip, sampler, zz, cond, uncond, targets, generators(range(batch)),
+                                    checkpoint=checkpoint)
+    loss.sum().backward()
+    if sd.device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_peak_bytes() - base if exact else float("nan")
+    wall = time.perf_counter() - t0
+    assert torch.isfinite(zz.grad).all()
+    latent_bytes = z.numel() * z.element_size()
+    return dict(steps=steps, checkpoint=checkpoint, wall_s=wall, peak_bytes=peak, unet_forward=sampler.unet_calls - calls0,
+                latent_bytes=latent_bytes, batch=batch, latent_shape=list(sd.latent_shape), device=str(sd.device))
+
+
+def part_memory(args, cfg) -> None:
+    rows = []
+    for steps in cfg["steps"]:
+        for ckpt in (False, True):
+            cmd = [sys.executable, __file__, "--child", json.dumps(dict(steps=steps, checkpoint=ckpt,
+                                                                        batch=cfg["batch"],
+                                                                        image_size=cfg["image_size"],
+                                                                        device=args.device))]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  {steps} steps, checkpoint {ckpt}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    r0 = rows[0]
+    print(f"## 1. One published iteration (forward + backward) against the number of denoising steps\n")
+    print(f"Tiny models at {cfg['image_size']} px (latents {' x '.join(map(str, r0['latent_shape']))}), "
+          f"{r0['batch']} image(s), guidance 5 (2 UNet passes per step and image), {r0['device']}; peak memory "
+          "above the models and a no-grad sampling pass.\n")
+    print("| denoising steps | checkpointing | UNet forward passes | wall time | peak memory | per step |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mb = r["peak_bytes"] / 2**20
+        print(f"| {r['steps']} | {'yes' if r['checkpoint'] else 'no'} | {r['unet_forward']} | {fmt_time(r['wall_s'])} "
+              f"| {mb:.0f} MB | {mb / r['steps']:.1f} MB |")
+    print(f"\nOne latent batch is {r0['latent_bytes'] / 2**10:.0f} KB. {load()}.\n", flush=True)
+
+
+# -- part 2 -----------------------------------------------------------------------------------------------------
+def part_modes(args, cfg) -> None:
+    from mdlib import decoding, metrics, models, paths, stage1, stage2
+    from mdlib.nsd.stimuli import StimulusReader
+    from mdlib.sampler import image_seed
+    from mdlib.synth.write import ensure_mini_nsd
+
+    root = paths.data_root(args.data_root, "mini")
+    ensure_mini_nsd(root)
+    sd = models.load_sd("tiny", device=args.device)
+    clip = models.load_clip_vision("tiny", device=args.device)
+    dec = decoding.decode_features(root, 1, sd, clip, posterior="mean", progress=False)
+    rows = list(range(min(cfg["images"], len(dec.nsd_ids))))
+    ids = dec.nsd_ids[rows]
+    seeds = [image_seed(i) for i in ids]
+    with StimulusReader(root) as reader:
+        stim = reader.read(ids)
+    targets = stage2.FeatureTargets.from_decoded(dec, rows, device=sd.device)
+    z, c = dec.pred["z"][rows], dec.pred["c"][rows]
+
+    def scores(images) -> tuple[float, float]:
+        return float(metrics.pixcorr_per_image(images, stim).mean()), float(metrics.ssim_per_image(images, stim).mean())
+
+    t0 = time.perf_counter()
+    s1 = stage1.reconstruct(sd, z, c, seeds, progress=False)
+    s1_wall = time.perf_counter() - t0
+    base = stage2.score_latents(sd, clip, targets, s1.latents)
+    table = [dict(mode="stage 1 (no control)", loss=float(base.mean()), forward=s1.config.unet_evaluations(len(rows)),
+                  backward=0, wall=s1_wall, peak=float("nan"), scores=scores(s1.images))]
+    iters = cfg["iterations"]
+    print(f"  published mode, {iters} iterations ...", file=sys.stderr, flush=True)
+    pub = stage2.guide_published(sd, clip, z, c, targets, seeds, progress=not args.no_progress,
+                                 config=stage2.PublishedConfig(iterations=iters, snapshots=()))
+    curve = pub.loss.mean(1)
+    for k in sorted({k for k in (30, 90, 180) if k < iters} | {iters}):
+        frac = k / iters
+        table.append(dict(mode=f"published, {k} iterations", loss=float(curve[k]),
+                          forward=round(pub.cost["unet_passes"] * frac), backward=round(pub.cost["unet_backward"] * frac),
+                          wall=pub.cost["wall_s"] * frac, peak=pub.cost["peak_memory_bytes"],
+                          scores=scores(pub.images) if k == iters else None))
+    for through in (True, False):
+        for s in cfg["scales"]:
+            out = stage2.guide_fast(sd, clip, z, c, targets, seeds, progress=False,
+                                    config=stage2.FastConfig(scale=s, through_unet=through))
+            table.append(dict(mode=f"fast, scale {s:g}{'' if through else ', eps held constant'}",
+                              loss=float(out.loss[-1].mean()), forward=out.cost["unet_passes"],
+                              backward=out.cost["unet_backward"], wall=out.cost["wall_s"],
+                              peak=out.cost["peak_memory_bytes"], scores=scores(out.images)))
+    pub_red = table[0]["loss"] - float(curve[-1])
+    pub_passes = pub.cost["unet_passes"] + pub.cost["unet_backward"]
+    print(f"## 2. Published vs fast mode on the mini path: {len(rows)} test images of mini-NSD subject 1\n")
+    print("Feature loss: the masked per-block MSE + 0.1 (1 - cos) of each image's CLIP features against the "
+          "fMRI-decoded ones, mean over images. Published rows before the last are the same run read at that "
+          "iteration (cost pro rata). UNet passes per image and in all.\n")
+    print("| mode | feature loss | reduction from stage 1 | share of the published reduction | PixCorr | SSIM "
+          "| UNet passes: forward + backward | share of the published passes | wall time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        red = table[0]["loss"] - r["loss"]
+        passes = r["forward"] + r["backward"]
+        sc = "" if r["scores"] is None else r["scores"]
+        pc, ss = ("-", "-") if not sc else (f"{sc[0]:.3f}", f"{sc[1]:.3f}")
+        print(f"| {r['mode']} | {r['loss']:.4f} | {100 * red / table[0]['loss']:.1f}% "
+              f"| {100 * red / pub_red:.0f}% | {pc} | {ss} | {r['forward']} + {r['backward']} "
+              f"| 1/{pub_passes / passes:.0f} | {fmt_time(r['wall'])} |" if passes else "")
+    print(f"\nStage 1 PixCorr/SSIM are the first row's; the published run's peak memory (RSS, whole process): "
+          f"{pub.cost['peak_memory_bytes'] / 2**30:.2f} GB. {load()}.\n", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, same code paths")
+    ap.add_argument("--parts", default="memory,modes")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data-root", default="", help="mini-NSD root (default: $MDLIB_DATA/mini-nsd, written if missing)")
+    ap.add_argument("--iterations", type=int, default=None, help="published-mode iterations (default 300; quick 10)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        print(json.dumps(one_iteration(**json.loads(args.child))))
+        return
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.iterations:
+        cfg["iterations"] = args.iterations
+    parts = args.parts.split(",")
+    print(f"# mdlib.stage2 benchmark{' (--quick)' if args.quick else ''}, {datetime.date.today()}\n")
+    print(f"Machine: {machine()}\n")
+    if "memory" in parts:
+        part_memory(args, cfg)
+    if "modes" in parts:
+        part_modes(args, cfg)
+
+
+if __name__ == "__main__":
+    main()
