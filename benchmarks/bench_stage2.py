@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
 from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
@@ -115,8 +114,9 @@ def one_iteration(steps: int, checkpoint: bool, batch: int, image_size: int, dev
     wall = time.perf_counter() - t0
     assert torch.isfinite(zz.grad).all()
     latent_bytes = z.numel() * z.element_size()
-    return dict(steps=steps, checkpoint=checkpoint, wall_s=wall, peak_bytes=peak, unet_forward=sampler.unet_calls - calls0,
-                latent_bytes=latent_bytes, batch=batch, latent_shape=list(sd.latent_shape), device=str(sd.device))
+    return dict(steps=steps, checkpoint=checkpoint, wall_s=wall, peak_bytes=peak, latent_bytes=latent_bytes,
+                unet_forward=sampler.unet_calls - calls0, batch=batch, latent_shape=list(sd.latent_shape),
+                device=str(sd.device))
 
 
 def part_memory(args, cfg) -> None:
@@ -131,7 +131,7 @@ def part_memory(args, cfg) -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"  {steps} steps, checkpoint {ckpt}: {rows[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
     r0 = rows[0]
-    print(f"## 1. One published iteration (forward + backward) against the number of denoising steps\n")
+    print("## 1. One published iteration (forward + backward) against the number of denoising steps\n")
     print(f"Tiny models at {cfg['image_size']} px (latents {' x '.join(map(str, r0['latent_shape']))}), "
           f"{r0['batch']} image(s), guidance 5 (2 UNet passes per step and image), {r0['device']}; peak memory "
           "above the models and a no-grad sampling pass.\n")
@@ -165,14 +165,14 @@ def part_modes(args, cfg) -> None:
     z, c = dec.pred["z"][rows], dec.pred["c"][rows]
 
     def scores(images) -> tuple[float, float]:
-        return float(metrics.pixcorr_per_image(images, stim).mean()), float(metrics.ssim_per_image(images, stim).mean())
+        return float(metrics.pixcorr(images, stim)), float(metrics.ssim(images, stim))
 
     t0 = time.perf_counter()
     s1 = stage1.reconstruct(sd, z, c, seeds, progress=False)
     s1_wall = time.perf_counter() - t0
     base = stage2.score_latents(sd, clip, targets, s1.latents)
-    table = [dict(mode="stage 1 (no control)", loss=float(base.mean()), forward=s1.config.unet_evaluations(len(rows)),
-                  backward=0, wall=s1_wall, peak=float("nan"), scores=scores(s1.images))]
+    table = [dict(mode="stage 1 (no control)", loss=float(base.mean()), backward=0, wall=s1_wall, peak=float("nan"),
+                  forward=s1.config.unet_evaluations(len(rows)), scores=scores(s1.images))]
     iters = cfg["iterations"]
     print(f"  published mode, {iters} iterations ...", file=sys.stderr, flush=True)
     pub = stage2.guide_published(sd, clip, z, c, targets, seeds, progress=not args.no_progress,
@@ -181,7 +181,8 @@ def part_modes(args, cfg) -> None:
     for k in sorted({k for k in (30, 90, 180) if k < iters} | {iters}):
         frac = k / iters
         table.append(dict(mode=f"published, {k} iterations", loss=float(curve[k]),
-                          forward=round(pub.cost["unet_passes"] * frac), backward=round(pub.cost["unet_backward"] * frac),
+                          forward=round(pub.cost["unet_passes"] * frac),
+                          backward=round(pub.cost["unet_backward"] * frac),
                           wall=pub.cost["wall_s"] * frac, peak=pub.cost["peak_memory_bytes"],
                           scores=scores(pub.images) if k == iters else None))
     for through in (True, False):
@@ -218,8 +219,10 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, same code paths")
     ap.add_argument("--parts", default="memory,modes")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--data-root", default="", help="mini-NSD root (default: $MDLIB_DATA/mini-nsd, written if missing)")
+    ap.add_argument("--data-root", default="",
+                    help="mini-NSD root (default: $MDLIB_DATA/mini-nsd, written if missing)")
     ap.add_argument("--iterations", type=int, default=None, help="published-mode iterations (default 300; quick 10)")
+    ap.add_argument("--images", type=int, default=None, help="test images in part 2 (default 4; quick 2)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -230,6 +233,8 @@ def main(argv=None) -> None:
     cfg = dict(QUICK if args.quick else FULL)
     if args.iterations:
         cfg["iterations"] = args.iterations
+    if args.images:
+        cfg["images"] = args.images
     parts = args.parts.split(",")
     print(f"# mdlib.stage2 benchmark{' (--quick)' if args.quick else ''}, {datetime.date.today()}\n")
     print(f"Machine: {machine()}\n")

@@ -497,24 +497,28 @@ class _State:
 
 # ------------------------------------------------------------------------------------------- saving
 
-def save_output(out: Stage2Output, folder: str | os.PathLike, names: Sequence[str], record: dict | None = None) -> Path:
-    """Write a stage-2 result: ``<name>.png`` per image, ``stage2.npz`` (latents, z, loss, snapshots) and
-    ``stage2.json`` (cost, names and ``record``: the settings), each atomically (lessons 05-06 read them back).
-    Returns the folder."""
+def save_images(folder: str | os.PathLike, names: Sequence[str], images: np.ndarray) -> Path:
+    """Write (n, S, S, 3) uint8 images as ``<folder>/<name>.png``, each atomically. Returns the folder."""
     from PIL import Image
 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     names = [str(x) for x in names]
-    if len(names) != len(out.images):
-        raise ValueError(f"{len(names)} names for {len(out.images)} images")
-    for name, image in zip(names, out.images):
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images")
+    for name, image in zip(names, images):
         tmp = folder / f".{name}.png.part"
-        Image.fromarray(image).save(tmp, format="PNG")
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
         os.replace(tmp, folder / f"{name}.png")
+    return folder
+
+
+def save_output(out: Stage2Output, folder: str | os.PathLike, names: Sequence[str], record: dict | None = None) -> Path:
+    """Write a stage-2 result: ``<name>.png`` per image, ``stage2.npz`` (latents, z, loss, snapshots) and
+    ``stage2.json`` (cost, names and ``record``: the settings), each atomically. Returns the folder."""
+    folder = save_images(folder, names, out.images)
     tmp = folder / "stage2.part.npz"
     np.savez(tmp, latents=out.latents, z=out.z, loss=out.loss, **{f"snap{k}": v for k, v in out.snapshots.items()})
     os.replace(tmp, folder / "stage2.npz")
-    write_json_atomic(folder / "stage2.json", {"names": names, "cost": out.cost, **(record or {})})
+    write_json_atomic(folder / "stage2.json", {"names": [str(x) for x in names], "cost": out.cost, **(record or {})})
     return folder
-

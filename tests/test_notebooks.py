@@ -30,10 +30,18 @@ def mini_root(tmp_path_factory):
     return root
 
 
+#: Lesson 05 in CI: the published mode's cost is iterations x 70 UNet passes forward and backward per image,
+#: so the test runs fewer images and iterations than `make demo` (the same code path).
+LESSON_05_SMOKE = {"N_IMAGES": 2, "BATCH_SIZE": 2, "ITERATIONS": 6}
+
+
 @pytest.fixture(scope="module")
 def course_run(mini_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("course")
-    summary = course.run_course("mini", data_root=mini_root, out=out, only=["01", "02", "03", "04"], progress=False)
+    course.run_course("mini", data_root=mini_root, out=out, only=["01", "02", "03", "04"], progress=False)
+    # The same output folder: the summary gathers every lesson's results.
+    summary = course.run_course("mini", data_root=mini_root, out=out, only=["05"], parameters=LESSON_05_SMOKE,
+                                progress=False)
     return out, summary
 
 
@@ -203,10 +211,57 @@ def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run
     assert r["latent_r"]["decoded z itself"] == pytest.approx(zr, abs=1e-5)
 
 
+def test_lesson_05_lowers_the_feature_loss_in_both_modes_at_the_counted_cost(course_run, mini_root):
+    from pathlib import Path
+
+    from mdlib.nsd.stimuli import StimulusReader
+    from mdlib.sampler import SamplerConfig
+
+    out, summary = course_run
+    r = summary["results"]["05_stage2_guidance"]
+    n, iters = LESSON_05_SMOKE["N_IMAGES"], LESSON_05_SMOKE["ITERATIONS"]
+    assert r["n_images"] == n and r["iterations"] == iters
+    assert r["published"]["lr"] == 0.01 and r["published"]["gamma"] == 0.999 and r["published"]["update"] == ["z"]
+    # The decoded features identify their stimulus: its loss is far below another test image's.
+    assert r["loss"]["stimulus"] < 0.5 * r["loss"]["other_image"]
+    # Features kept by training-set LOO R^2 are the better decoded on the test images too.
+    for block, row in r["kept_features"].items():
+        assert row["kept"] == round(0.25 * row["features"]), block
+        assert row["test r, kept (median)"] > row["test r, dropped (median)"], block
+    # The published optimisation lowers the loss at every iteration (Adam, small lr), from stage 1's image.
+    curve = np.array(r["loss_curve_mean"])
+    assert len(curve) == iters + 1 and curve[0] == pytest.approx(r["loss"]["stage1"], rel=1e-3)
+    assert (np.diff(curve) < 0).all()
+    m = r["metrics"]
+    assert m["published"]["feature loss"] == pytest.approx(curve[-1], rel=1e-5)
+    assert m["fast"]["feature loss"] < m["stage 1"]["feature loss"]
+    for mode in ("published", "fast"):
+        base = m["stage 1"]["feature loss"]
+        assert m[mode]["loss reduction"] == pytest.approx((base - m[mode]["feature loss"]) / base, rel=1e-6)
+    # UNet passes as the method implies: each iteration samples (35 steps x 2 branches x n), recomputes every
+    # checkpointed step in the backward pass and backpropagates each once; one last pass scores the result.
+    per_sampling = SamplerConfig().unet_evaluations(n)
+    assert r["cost"]["published"] == {"unet_forward": (2 * iters + 1) * per_sampling,
+                                      "unet_backward": iters * per_sampling}
+    assert r["cost"]["fast"] == {"unet_forward": per_sampling, "unet_backward": per_sampling}
+    # PixCorr and SSIM are those of the saved images, recomputed here.
+    with StimulusReader(mini_root) as reader:
+        stim = reader.read(r["nsd_ids"])
+    for mode in ("stage 1", "published", "fast"):
+        pc, ss = _pixcorr_ssim_reference(_read_pngs(Path(r["image_dirs"][mode]), r["nsd_ids"]), stim)
+        assert m[mode]["PixCorr"] == pytest.approx(pc, abs=0.005), mode
+        assert m[mode]["SSIM"] == pytest.approx(ss, abs=0.005), mode
+    # Stage 1 here is lesson 04's: same decoded (z, c), sampler and seeds give the same images.
+    r04 = summary["results"]["04_stage1_img2img"]
+    here = _read_pngs(Path(r["image_dirs"]["stage 1"]), r["nsd_ids"]).astype(int)
+    there = _read_pngs(Path(r04["image_dirs"]["decoded (z, c)"]), r["nsd_ids"]).astype(int)
+    assert np.abs(here - there).max() <= 1   # batches of other sizes: float rounding at most
+
+
 def test_course_writes_executed_notebooks_and_summary(course_run):
     out, summary = course_run
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
-    for name in ("01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding", "04_stage1_img2img"):
+    for name in ("01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding", "04_stage1_img2img", "05_stage2_guidance"):
         nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                     if o.get("output_type") == "error"]
