@@ -266,20 +266,31 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
     opt = torch.optim.Adam(params, lr=config.lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
     seeds = [int(s) for s in seeds]
+    evals = sampler.config.unet_evaluations(len(z0))
     losses: list[np.ndarray] = []
     snapshots: dict[int, np.ndarray] = {}
-    start_it = 0
-    state = None
+    start_it, prior = 0, dict.fromkeys(_State.COST_KEYS, 0.0)
+    state = final = None
     if state_dir is not None:
         state = _State(state_dir, run_key(sd, clip, z0, cond0, targets, seeds, config, sampler.config))
-    if state is not None:
-        start_it, losses, snapshots = state.load(z_var, c_var, opt, sched)
+        got = state.load(z_var, c_var, opt, sched)
+        if got is not None:
+            start_it, losses, snapshots, prior = got["iteration"], got["losses"], got["snapshots"], got["cost"]
+            final = (got["latents"], got["images"]) if "latents" in got else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, calls0 = time.perf_counter(), sampler.unet_calls
-    bar = tqdm(total=config.iterations + 1, initial=start_it, desc="stage 2 (published)", disable=not progress)
-    last_latents = last_images = None
-    for it in range(start_it, config.iterations + 1):
+
+    def cost_so_far(steps_done: int) -> dict:
+        """The whole run's cost, earlier (interrupted) sessions included; each UNet pass of an optimisation
+        step's graph is backpropagated once."""
+        return {"unet_passes": prior["unet_passes"] + sampler.unet_calls - calls0,
+                "unet_backward": prior["unet_backward"] + (steps_done - start_it) * evals,
+                "wall_s": prior["wall_s"] + time.perf_counter() - t0}
+
+    bar = tqdm(total=config.iterations + 1, initial=start_it, desc="stage 2 (published)",
+               disable=not progress or final is not None)
+    for it in range(start_it if final is None else config.iterations + 1, config.iterations + 1):
         # Iteration `it` scores the image of the current z; the last one (it == iterations) only scores.
         gens = generators([s + it * 7919 if config.fresh_noise else s for s in seeds])
         with _autocast(device, config.autocast):
@@ -288,32 +299,27 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
         losses.append(per_image.detach().float().cpu().numpy())
         if it in config.snapshots or it == config.iterations:
             snapshots[it] = _to_uint8(images)
-        last_latents, last_images = lat.detach(), images.detach()
         if it < config.iterations:
             opt.zero_grad(set_to_none=True)
             per_image.sum().backward()
             opt.step()
             sched.step()
+        else:
+            final = (lat.detach().float().cpu().numpy(), _to_uint8(images))
         bar.update()
         bar.set_postfix(loss=f"{float(losses[-1].mean()):.4g}")
         if state is not None and (it + 1) % save_every == 0 and it < config.iterations:
-            state.save(it + 1, z_var, c_var, opt, sched, losses, snapshots)
+            state.save(it + 1, z_var, c_var, opt, losses, snapshots, cost_so_far(it + 1))
     bar.close()
-    if last_latents is None:  # resumed a finished run: score the final z once more
-        with torch.no_grad():
-            last_latents = sampler.sample(z_var, c_var, uncond, generators(seeds))
-            last_images = features.decode_latents(sd, last_latents)
-    if state is not None:
-        state.save(config.iterations + 1, z_var, c_var, opt, sched, losses, snapshots)
-    # Every UNet pass of an optimisation step's graph is backpropagated once.
-    backward = max(config.iterations - start_it, 0) * sampler.config.unet_evaluations(len(z0))
-    cost = {"unet_passes": sampler.unet_calls - calls0, "unet_backward": backward,
-            "wall_s": time.perf_counter() - t0, "peak_memory_bytes": _peak_memory(device),
-            "iterations": config.iterations, "resumed_at": start_it,
+    steps_done = max(start_it, config.iterations)
+    cost = cost_so_far(steps_done) if start_it <= config.iterations else prior
+    if state is not None and start_it <= config.iterations:
+        state.save(config.iterations + 1, z_var, c_var, opt, losses, snapshots, cost, final=final)
+    cost = {**cost, "unet_passes": int(cost["unet_passes"]), "unet_backward": int(cost["unet_backward"]),
+            "peak_memory_bytes": _peak_memory(device), "iterations": config.iterations, "resumed_at": start_it,
             "state_dir": None if state is None else str(state.folder)}
-    return Stage2Output(images=_to_uint8(last_images), latents=last_latents.float().cpu().numpy(),
-                        z=z_var.detach().float().cpu().numpy(), loss=np.stack(losses), snapshots=snapshots,
-                        cost=cost)
+    return Stage2Output(images=final[1], latents=final[0], z=z_var.detach().float().cpu().numpy(),
+                        loss=np.stack(losses), snapshots=snapshots, cost=cost)
 
 
 @dataclass(frozen=True)
@@ -444,44 +450,61 @@ def run_key(sd: SDModels, clip: ClipVision, z0: torch.Tensor, cond0: torch.Tenso
 
 
 class _State:
-    """The published optimisation's state on disk: npz (tensors) + JSON (identity and progress)."""
+    """The published optimisation's state on disk, ``stage2_state.npz`` (authoritative: tensors, progress and
+    the cost so far, written atomically in one file) plus ``stage2_state.json`` (the same progress, to read)."""
+
+    COST_KEYS = ("unet_passes", "unet_backward", "wall_s")
 
     def __init__(self, state_dir, key: str):
         self.key = key
         self.folder = Path(state_dir).expanduser() / key
 
-    def load(self, z_var, c_var, opt, sched) -> tuple[int, list, dict]:
-        import json
-
-        meta_path, arr_path = self.folder / "stage2_state.json", self.folder / "stage2_state.npz"
-        if not (meta_path.is_file() and arr_path.is_file()):
-            return 0, [], {}
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") != self.key:
-            raise ValueError(f"{meta_path} belongs to another stage-2 run (key {meta.get('key')}, not {self.key}): "
-                             "delete that folder to start this run over")
-        with np.load(arr_path) as f:
+    def load(self, z_var, c_var, opt, sched) -> dict | None:
+        """Restore z, c, Adam and the schedule; returns ``iteration``, ``losses``, ``snapshots``, ``cost`` and
+        (finished runs) ``latents``/``images``, or None when there is no state yet."""
+        path = self.folder / "stage2_state.npz"
+        if not path.is_file():
+            return None
+        try:
+            f = np.load(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path} cannot be read ({err}): delete it to start this run over") from None
+        with f:
+            if "key" not in f.files or "cost" not in f.files:
+                raise ValueError(f"{path} was written by an older mdlib: delete it to start this run over")
+            if str(f["key"]) != self.key:
+                raise ValueError(f"{path} belongs to another stage-2 run (key {f['key']}, not {self.key}): "
+                                 "delete that folder to start this run over")
             with torch.no_grad():
                 z_var.copy_(torch.as_tensor(f["z"]))
                 c_var.copy_(torch.as_tensor(f["c"]))
             opt_state = opt.state_dict()
             for k, p in enumerate(opt.param_groups[0]["params"]):
-                opt_state["state"][k] = {"step": torch.tensor(float(f[f"step{k}"])),
-                                         "exp_avg": torch.as_tensor(f[f"exp_avg{k}"], device=p.device),
-                                         "exp_avg_sq": torch.as_tensor(f[f"exp_avg_sq{k}"], device=p.device)}
+                if f"step{k}" in f.files:
+                    opt_state["state"][k] = {"step": torch.tensor(float(f[f"step{k}"])),
+                                             "exp_avg": torch.as_tensor(f[f"exp_avg{k}"], device=p.device),
+                                             "exp_avg_sq": torch.as_tensor(f[f"exp_avg_sq{k}"], device=p.device)}
             opt.load_state_dict(opt_state)
-            losses = list(f["losses"])
-            snapshots = {int(k[4:]): f[k] for k in f.files if k.startswith("snap")}
-        sched.load_state_dict({**sched.state_dict(), "last_epoch": meta["iteration"],
-                               "_last_lr": [meta["lr"]]})
+            iteration, lr = int(f["iteration"]), float(f["lr"])
+            out = {"iteration": iteration, "losses": list(f["losses"]),
+                   "snapshots": {int(k[4:]): f[k] for k in f.files if k.startswith("snap")},
+                   "cost": {k: float(v) for k, v in zip(self.COST_KEYS, f["cost"])}}
+            if "final_latents" in f.files:
+                out["latents"], out["images"] = f["final_latents"], f["final_images"]
+        sched.load_state_dict({**sched.state_dict(), "last_epoch": iteration, "_last_lr": [lr]})
         for g in opt.param_groups:
-            g["lr"] = meta["lr"]
-        return int(meta["iteration"]), losses, snapshots
+            g["lr"] = lr
+        return out
 
-    def save(self, iteration, z_var, c_var, opt, sched, losses, snapshots) -> None:
+    def save(self, iteration, z_var, c_var, opt, losses, snapshots, cost: dict, final=None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        arrays = {"z": z_var.detach().float().cpu().numpy(), "c": c_var.detach().float().cpu().numpy(),
+        lr = float(opt.param_groups[0]["lr"])
+        arrays = {"key": np.array(self.key), "iteration": np.array(int(iteration)), "lr": np.array(lr),
+                  "cost": np.array([float(cost[k]) for k in self.COST_KEYS]),
+                  "z": z_var.detach().float().cpu().numpy(), "c": c_var.detach().float().cpu().numpy(),
                   "losses": np.stack(losses), **{f"snap{k}": v for k, v in snapshots.items()}}
+        if final is not None:
+            arrays["final_latents"], arrays["final_images"] = final
         for k, p in enumerate(opt.param_groups[0]["params"]):
             st = opt.state.get(p, {})
             if st:
@@ -492,7 +515,8 @@ class _State:
         np.savez(tmp, **arrays)
         os.replace(tmp, self.folder / "stage2_state.npz")
         write_json_atomic(self.folder / "stage2_state.json",
-                          {"key": self.key, "iteration": int(iteration), "lr": float(opt.param_groups[0]["lr"])})
+                          {"key": self.key, "iteration": int(iteration), "finished": final is not None, "lr": lr,
+                           "cost": cost, "mean_loss": [float(np.mean(v)) for v in losses]})
 
 
 # ------------------------------------------------------------------------------------------- saving

@@ -151,11 +151,19 @@ def test_interrupted_run_resumes_to_the_same_result(sd, clip, tmp_path, monkeypa
     assert other.cost["resumed_at"] == 0 and other.cost["state_dir"] != resumed.cost["state_dir"]
     assert stage2.run_key(sd, clip, z, with_bos(sd, c), targets.subset([1, 0]), [1, 2], cfg, SHORT) != \
         stage2.run_key(sd, clip, z, with_bos(sd, c), targets, [1, 2], cfg, SHORT)
-    # A finished run read back: its result again, without iterating
+    # The cost is the whole run's, the interrupted session's saved part included
+    for key in ("unet_passes", "unet_backward"):
+        assert resumed.cost[key] == whole.cost[key]
+    # A finished run is read back, result and cost, without running the sampler again
+    monkeypatch.setattr(stage2, "render_loss", lambda *a, **k: pytest.fail("a finished run was recomputed"))
     again = stage2.guide_published(sd, clip, z, c, targets, [1, 2], state_dir=tmp_path, save_every=2, **kw)
-    assert again.cost["resumed_at"] == cfg.iterations + 1 and again.cost["unet_backward"] == 0
+    assert again.cost["resumed_at"] == cfg.iterations + 1
+    for key in ("unet_passes", "unet_backward"):
+        assert again.cost[key] == whole.cost[key]
     np.testing.assert_allclose(again.loss, whole.loss, rtol=1e-5)
-    np.testing.assert_array_equal(again.images, whole.images)
+    np.testing.assert_array_equal(again.images, resumed.images)
+    np.testing.assert_array_equal(again.latents, resumed.latents)
+    assert set(again.snapshots) == {0, 3, 5}
 
 
 def test_from_decoded_keeps_the_best_decoded_quarter(rng):
