@@ -13,8 +13,9 @@ Parts (``--parts``, default both):
    step. Each configuration runs in a fresh process: on the CPU its peak memory is the peak resident set
    above what the process held after loading the models and one sampling pass without gradients (Linux'
    VmHWM, reset through /proc/self/clear_refs); on CUDA, ``max_memory_allocated`` above the allocation
-   before the iteration. The models are the tiny ones built at ``--image-size`` (default 256 px, whose
-   latents are 4 x 64 x 64 like SD v1-4's at 512 px), so activations, not weights, dominate.
+   before the iteration. The models are the tiny ones built at 128 px (latents 4 x 32 x 32; at 256 px they
+   would be SD's 4 x 64 x 64, but self-attention over 4,096 positions makes one step take ~10 s on 2 CPU
+   cores), so activations, not weights, dominate.
 2. ``modes``: the course's mini path (mini-NSD subject 1, its decoded CLIP features, the tiny models): stage 1,
    the published mode (``--iterations``, released settings: Adam lr 0.01, ExponentialLR 0.999, z only) and
    the fast mode at a few guidance scales, on the same test images and seeds. Reports the feature loss
@@ -36,7 +37,7 @@ import torch
 
 from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
-FULL = dict(steps=(5, 10, 20, 35), batch=2, image_size=256, images=4, iterations=300, scales=(1.0, 2.0, 4.0))
+FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0))
 QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,))
 
 
@@ -103,8 +104,9 @@ def one_iteration(steps: int, checkpoint: bool, batch: int, image_size: int, dev
     zz = z.clone().requires_grad_(True)
     calls0 = sampler.unet_calls
     t0 = time.perf_counter()
-    loss, _, _ = stage2.render_loss(sd, clip, sampler, zz, cond, uncond, targets, generators(range(batch)),
-                                    checkpoint=checkpoint)
+    with stage2.saved_for_backward(sd.unet, sd.vae, clip.model) as saved:
+        loss, _, _ = stage2.render_loss(sd, clip, sampler, zz, cond, uncond, targets, generators(range(batch)),
+                                        checkpoint=checkpoint)
     loss.sum().backward()
     if sd.device.type == "cuda":
         torch.cuda.synchronize()
@@ -115,6 +117,7 @@ def one_iteration(steps: int, checkpoint: bool, batch: int, image_size: int, dev
     assert torch.isfinite(zz.grad).all()
     latent_bytes = z.numel() * z.element_size()
     return dict(steps=steps, checkpoint=checkpoint, wall_s=wall, peak_bytes=peak, latent_bytes=latent_bytes,
+                saved_bytes=saved["bytes"],
                 unet_forward=sampler.unet_calls - calls0, batch=batch, latent_shape=list(sd.latent_shape),
                 device=str(sd.device))
 
@@ -135,13 +138,17 @@ def part_memory(args, cfg) -> None:
     print(f"Tiny models at {cfg['image_size']} px (latents {' x '.join(map(str, r0['latent_shape']))}), "
           f"{r0['batch']} image(s), guidance 5 (2 UNet passes per step and image), {r0['device']}; peak memory "
           "above the models and a no-grad sampling pass.\n")
-    print("| denoising steps | checkpointing | UNet forward passes | wall time | peak memory | per step |")
-    print("|---|---|---|---|---|---|")
+    print("| denoising steps | checkpointing | UNet forward passes | wall time | peak memory | per step "
+          "| saved for backward |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         mb = r["peak_bytes"] / 2**20
         print(f"| {r['steps']} | {'yes' if r['checkpoint'] else 'no'} | {r['unet_forward']} | {fmt_time(r['wall_s'])} "
-              f"| {mb:.0f} MB | {mb / r['steps']:.1f} MB |")
-    print(f"\nOne latent batch is {r0['latent_bytes'] / 2**10:.0f} KB. {load()}.\n", flush=True)
+              f"| {mb:.0f} MB | {mb / r['steps']:.1f} MB | {r['saved_bytes'] / 2**20:.1f} MB |")
+    print(f"\nOne latent batch is {r0['latent_bytes'] / 2**10:.0f} KB. Peak memory: the resident set (CPU) or the "
+          "CUDA allocation above the baseline, allocator slack included. Saved for backward: the distinct tensors "
+          "autograd keeps outside checkpointed steps (exact; the latents between checkpointed steps, "
+          f"one latent per step, are in it). {load()}.\n", flush=True)
 
 
 # -- part 2 -----------------------------------------------------------------------------------------------------

@@ -519,6 +519,32 @@ class _State:
                            "cost": cost, "mean_loss": [float(np.mean(v)) for v in losses]})
 
 
+# ---------------------------------------------------------------------------------------- memory meter
+
+@contextlib.contextmanager
+def saved_for_backward(*modules: torch.nn.Module):
+    """Count what autograd keeps for the backward pass of the code inside: ``with saved_for_backward(unet) as
+    m: ...; m["bytes"]`` is the size of the distinct storages saved, the modules' weights excluded.
+
+    Tensors saved inside a checkpointed region (:meth:`mdlib.sampler.DDIMSampler.sample` with
+    ``checkpoint=True``) are not kept (checkpoint's own hooks drop them and the backward pass recomputes them),
+    so they do not count: exactly the memory checkpointing saves; what remains per step is one latent. Exact
+    and machine-independent, unlike a peak-memory reading (``benchmarks/bench_stage2.py``, lesson 05)."""
+    weights = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    storages: dict[int, int] = {}
+    meter = {"bytes": 0, "tensors": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            storages[st.data_ptr()] = st.nbytes()
+            meter["bytes"], meter["tensors"] = sum(storages.values()), len(storages)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield meter
+
+
 # ------------------------------------------------------------------------------------------- saving
 
 def save_images(folder: str | os.PathLike, names: Sequence[str], images: np.ndarray) -> Path:

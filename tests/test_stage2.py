@@ -182,3 +182,26 @@ def test_from_decoded_keeps_the_best_decoded_quarter(rng):
     assert t.cos_weight == 0.1
     with pytest.raises(ValueError, match="clip_block"):
         stage2.FeatureTargets.from_decoded(Decoded(nsd_ids=np.arange(n), pred={}, true={}))
+
+
+def test_checkpointing_keeps_memory_flat_in_the_number_of_steps(sd, clip):
+    """What autograd keeps for the backward pass, counted exactly: without checkpointing it grows by one
+    step's activations per step; with it, by one latent per step at most (the latents between steps)."""
+    z, c, targets = _problem(sd, clip, n=1)
+    cond, uncond = with_bos(sd, c), unconditional(sd, 15)
+    saved = {}
+    for steps in (2, 6):
+        cfg = SamplerConfig(num_steps=10, noise_index=steps + 1, denoise_steps=steps)
+        for ckpt in (False, True):
+            zz = z.clone().requires_grad_(True)
+            with stage2.saved_for_backward(sd.unet, sd.vae, clip.model) as meter:
+                loss, _, _ = stage2.render_loss(sd, clip, DDIMSampler(sd.unet, sd.scheduler, cfg), zz, cond, uncond,
+                                                targets, generators([3]), checkpoint=ckpt)
+            loss.sum().backward()
+            assert torch.isfinite(zz.grad).all()
+            saved[steps, ckpt] = meter["bytes"]
+    per_step = (saved[6, False] - saved[2, False]) / 4
+    latent = z.numel() * z.element_size()
+    assert per_step > 100 * latent                      # a UNet step's activations, twice (guidance)
+    assert saved[6, True] - saved[2, True] <= 4 * latent    # flat but for the latents themselves
+    assert saved[2, True] < saved[2, False] - 1.5 * per_step
