@@ -346,6 +346,12 @@ class FastConfig:
     stop: int | None = None
     autocast: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.start < 0 or (self.stop is not None and self.stop < self.start):
+            raise ValueError(f"need 0 <= start <= stop, got start={self.start}, stop={self.stop}")
+
 
 def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, seeds: Sequence[int], *,
                config: FastConfig | None = None, sampler_config: SamplerConfig | None = None,

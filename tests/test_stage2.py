@@ -205,3 +205,29 @@ def test_checkpointing_keeps_memory_flat_in_the_number_of_steps(sd, clip):
     assert per_step > 100 * latent                      # a UNet step's activations, twice (guidance)
     assert saved[6, True] - saved[2, True] <= 4 * latent    # flat but for the latents themselves
     assert saved[2, True] < saved[2, False] - 1.5 * per_step
+
+
+def test_mixed_precision_and_fast_mode_options(sd, clip):
+    """autocast (bf16 runs on the CPU too), universal guidance's recurrence and a guided window."""
+    z, c, targets = _problem(sd, clip, n=1, seed=3)
+    out = stage2.guide_published(sd, clip, z, c, targets, [4], sampler_config=SHORT, progress=False,
+                                 config=stage2.PublishedConfig(iterations=2, lr=0.05, autocast="bf16"))
+    assert np.isfinite(out.loss).all() and out.loss[-1, 0] != out.loss[0, 0]
+    assert not np.allclose(out.z, z.numpy())
+    with pytest.raises(ValueError, match="autocast"):
+        stage2.guide_published(sd, clip, z, c, targets, [4], sampler_config=SHORT, progress=False,
+                               config=stage2.PublishedConfig(iterations=1, autocast="fp8"))
+    # repeats=2 on steps 1..2 only: one extra UNet evaluation (2 branches) per guided step
+    fast = stage2.guide_fast(sd, clip, z, c, targets, [4], sampler_config=SHORT, progress=False,
+                             config=stage2.FastConfig(scale=2.0, repeats=2, start=1, stop=3))
+    per_step = SHORT.unet_evaluations(1) // SHORT.denoise_steps
+    assert fast.cost["unet_passes"] == SHORT.unet_evaluations(1) + 2 * per_step
+    assert fast.cost["unet_backward"] == 2 * 2 * per_step
+    assert fast.loss.shape == (2 + 1, 1)               # the guided steps' losses, then the final image's
+    s1 = stage2.score_latents(sd, clip, targets, stage2.guide_fast(
+        sd, clip, z, c, targets, [4], sampler_config=SHORT, progress=False,
+        config=stage2.FastConfig(scale=0.0)).latents)
+    assert fast.loss[-1, 0] < s1[0]
+    for bad in ({"repeats": 0}, {"start": 3, "stop": 1}):
+        with pytest.raises(ValueError):
+            stage2.FastConfig(**bad)
