@@ -18,12 +18,12 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from mdlib import features, paths
 from mdlib.nsd.betas import load_betas
+from mdlib.record import write_npz_atomic
 from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
 
 #: Bump when cached predictions change meaning.
@@ -155,7 +155,7 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
             cv_mse = (np.full(Y.shape[1], np.nan) if dec.cv_mse_ is None
                       else np.asarray(dec.cv_mse_, dtype=np.float64))
             if cache:
-                _save_npz(path, pred=pred, alpha=alpha, cv_mse=cv_mse, nsd_ids=out.nsd_ids,
+                write_npz_atomic(path, pred=pred, alpha=alpha, cv_mse=cv_mse, nsd_ids=out.nsd_ids,
                           spec=np.array(json.dumps(spec)))
         out.pred[fam] = pred.reshape(len(test), *shape)
         out.true[fam] = Y[test].reshape(len(test), *shape).astype(np.float32)
@@ -174,11 +174,3 @@ def _digest(*arrays: np.ndarray) -> str:
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.data)
     return h.hexdigest()[:16]
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    """Write atomically: a run killed mid-write leaves no truncated cache file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +38,43 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``: readers never see half a file."""
+def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then ``os.replace`` it onto
+    ``path``: readers, and a run killed mid-write, never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(data), f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON (:func:`to_jsonable`, sorted keys) to ``path`` atomically."""
+    def write(f) -> None:
+        json.dump(to_jsonable(data), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+    return _write_atomic(path, write, mode="w")
+
+
+def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Write plain arrays (no pickles) as an uncompressed ``.npz`` to ``path`` atomically."""
+    return _write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an (H, W, 3) uint8 image as PNG to ``path`` atomically."""
+    from PIL import Image
+
+    return _write_atomic(path, lambda f: Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG"))
 
 
 class Results(dict):

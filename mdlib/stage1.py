@@ -24,7 +24,7 @@ import torch
 
 from mdlib import features
 from mdlib.models import SDModels
-from mdlib.record import write_json_atomic
+from mdlib.record import write_json_atomic, write_npz_atomic, write_png_atomic
 from mdlib.sampler import DDIMSampler, SamplerConfig, generators
 
 #: Bump when saved stage-1 outputs change meaning.
@@ -198,12 +198,6 @@ def _load_one(folder: Path, name: str, key: str):
 
 
 def _save_one(folder: Path, name: str, key: str, image: np.ndarray, latent: np.ndarray) -> None:
-    from PIL import Image
-
     # The image first, the npz (which marks the pair complete) last, each written atomically.
-    tmp = folder / f".{name}.png.part"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, folder / f"{name}.png")
-    tmp = folder / f".{name}.part.npz"
-    np.savez(tmp, latent=latent, key=np.array(key))
-    os.replace(tmp, folder / f"{name}.npz")
+    write_png_atomic(folder / f"{name}.png", image)
+    write_npz_atomic(folder / f"{name}.npz", latent=latent, key=np.array(key))

@@ -42,7 +42,7 @@ import torch
 
 from mdlib import features
 from mdlib.models import ClipVision, SDModels
-from mdlib.record import write_json_atomic
+from mdlib.record import write_json_atomic, write_npz_atomic, write_png_atomic
 from mdlib.sampler import DDIMSampler, SamplerConfig, generators
 
 #: The released code's share of features kept per layer (the best decoded).
@@ -517,9 +517,7 @@ class _State:
                 arrays[f"step{k}"] = np.array(float(st["step"]))
                 arrays[f"exp_avg{k}"] = st["exp_avg"].detach().cpu().numpy()
                 arrays[f"exp_avg_sq{k}"] = st["exp_avg_sq"].detach().cpu().numpy()
-        tmp = self.folder / "stage2_state.part.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.folder / "stage2_state.npz")
+        write_npz_atomic(self.folder / "stage2_state.npz", **arrays)
         write_json_atomic(self.folder / "stage2_state.json",
                           {"key": self.key, "iteration": int(iteration), "finished": final is not None, "lr": lr,
                            "cost": cost, "mean_loss": [float(np.mean(v)) for v in losses]})
@@ -555,17 +553,12 @@ def saved_for_backward(*modules: torch.nn.Module):
 
 def save_images(folder: str | os.PathLike, names: Sequence[str], images: np.ndarray) -> Path:
     """Write (n, S, S, 3) uint8 images as ``<folder>/<name>.png``, each atomically. Returns the folder."""
-    from PIL import Image
-
     folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
     names = [str(x) for x in names]
     if len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images")
     for name, image in zip(names, images):
-        tmp = folder / f".{name}.png.part"
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, folder / f"{name}.png")
+        write_png_atomic(folder / f"{name}.png", image)
     return folder
 
 
@@ -573,8 +566,7 @@ def save_output(out: Stage2Output, folder: str | os.PathLike, names: Sequence[st
     """Write a stage-2 result: ``<name>.png`` per image, ``stage2.npz`` (latents, z, loss, snapshots) and
     ``stage2.json`` (cost, names and ``record``: the settings), each atomically. Returns the folder."""
     folder = save_images(folder, names, out.images)
-    tmp = folder / "stage2.part.npz"
-    np.savez(tmp, latents=out.latents, z=out.z, loss=out.loss, **{f"snap{k}": v for k, v in out.snapshots.items()})
-    os.replace(tmp, folder / "stage2.npz")
+    write_npz_atomic(folder / "stage2.npz", latents=out.latents, z=out.z, loss=out.loss,
+                     **{f"snap{k}": v for k, v in out.snapshots.items()})
     write_json_atomic(folder / "stage2.json", {"names": [str(x) for x in names], "cost": out.cost, **(record or {})})
     return folder

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterable
@@ -41,6 +40,7 @@ from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 from mdlib import paths
 from mdlib.nsd import layout
 from mdlib.nsd.rois import check_grid, nsd_affine, roi_mask_and_affine, voxel_coords
+from mdlib.record import write_npz_atomic
 
 FORMATS = ("hdf5", "nii.gz")
 
@@ -478,18 +478,7 @@ def _save_cached(target: Path, betas: Betas) -> None:
               "constant": betas.constant, "params": np.array(json.dumps(betas.params, sort_keys=True))}
     if betas.trials is not None:
         arrays["trials"] = betas.trials
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_npz_atomic(target, **arrays)
 
 
 def _load_cached(target: Path, params: dict) -> Betas | None:
