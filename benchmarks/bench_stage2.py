@@ -205,7 +205,7 @@ def part_modes(args, cfg) -> None:
     print(f"## 2. Published vs fast mode on the mini path: {len(rows)} test images of mini-NSD subject 1\n")
     print("Feature loss: the masked per-block MSE + 0.1 (1 - cos) of each image's CLIP features against the "
           "fMRI-decoded ones, mean over images. Published rows before the last are the same run read at that "
-          "iteration (cost pro rata). UNet passes per image and in all.\n")
+          "iteration (cost pro rata). UNet passes: the totals over the images.\n")
     print("| mode | feature loss | reduction from stage 1 | share of the published reduction | PixCorr | SSIM "
           "| UNet passes: forward + backward | share of the published passes | wall time |")
     print("|---|---|---|---|---|---|---|---|---|")
