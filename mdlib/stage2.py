@@ -43,7 +43,7 @@ import torch
 from mdlib import features
 from mdlib.models import ClipVision, SDModels
 from mdlib.record import write_json_atomic, write_npz_atomic, write_png_atomic
-from mdlib.sampler import DDIMSampler, SamplerConfig, generators
+from mdlib.sampler import DDIMSampler, SamplerConfig, draw_noise, generators
 
 #: The released code's share of features kept per layer (the best decoded).
 RELEASED_KEEP = 0.25
@@ -367,8 +367,6 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
     t0, calls0 = time.perf_counter(), sampler.unet_calls
     gens = generators([int(s) for s in seeds])
     shape = tuple(z0.shape[1:])
-    from mdlib.sampler import draw_noise
-
     x = sampler.add_noise(z0.to(sd.dtype), draw_noise(gens, shape, device, sd.dtype))
     steps = sampler.denoise_timesteps
     stop = len(steps) if config.stop is None else config.stop
@@ -382,13 +380,9 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
             if guided:
                 x_in = x.detach().requires_grad_(True)
                 with torch.enable_grad(), _autocast(device, config.autocast):
-                    if config.through_unet:
+                    with torch.set_grad_enabled(config.through_unet):   # else eps is a constant
                         eps = sampler.eps(x_in, t, cond, uncond)
-                        x0 = sampler.predict_x0(x_in, eps, t)
-                    else:
-                        with torch.no_grad():
-                            eps = sampler.eps(x_in, t, cond, uncond)
-                        x0 = sampler.predict_x0(x_in, eps, t)
+                    x0 = sampler.predict_x0(x_in, eps, t)
                     per_image = targets.per_image_loss(image_features(sd, clip, x0, list(targets.blocks))[1])
                 grad = torch.autograd.grad(per_image.sum(), x_in)[0]
                 if config.through_unet:
@@ -418,19 +412,21 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
         images = features.decode_latents(sd, x)
     cost = {"unet_passes": sampler.unet_calls - calls0, "unet_backward": backward,
             "wall_s": time.perf_counter() - t0, "peak_memory_bytes": _peak_memory(device)}
-    step_losses.append(_score(sd, clip, targets, x))
+    step_losses.append(score_images(clip, targets, images))
     return Stage2Output(images=_to_uint8(images), latents=x.float().cpu().numpy(), z=z0.cpu().numpy(),
                         loss=np.stack(step_losses), snapshots={}, cost=cost)
 
 
 def score_latents(sd: SDModels, clip: ClipVision, targets: FeatureTargets, latents) -> np.ndarray:
     """(n,) feature loss of the images of sampled latents (e.g. stage 1's, to compare with stage 2's)."""
-    return _score(sd, clip, targets, torch.as_tensor(np.asarray(latents, dtype=np.float32), device=sd.device))
-
-
-def _score(sd, clip, targets, latents) -> np.ndarray:
     with torch.no_grad():
-        images = features.decode_latents(sd, latents)
+        images = features.decode_latents(sd, torch.as_tensor(np.asarray(latents, dtype=np.float32), device=sd.device))
+    return score_images(clip, targets, images)
+
+
+def score_images(clip: ClipVision, targets: FeatureTargets, images) -> np.ndarray:
+    """(n,) feature loss of images: float (n, 3, S, S) in [0, 1] or uint8 (n, H, W, 3), e.g. the stimuli."""
+    with torch.no_grad():
         feats = features.clip_lowlevel_features(clip, images, differentiable=False,
                                                 blocks=[int(b[5:]) for b in targets.blocks])
         return targets.per_image_loss(feats).float().cpu().numpy()
