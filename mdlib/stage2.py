@@ -556,13 +556,3 @@ def save_images(folder: str | os.PathLike, names: Sequence[str], images: np.ndar
     for name, image in zip(names, images):
         write_png_atomic(folder / f"{name}.png", image)
     return folder
-
-
-def save_output(out: Stage2Output, folder: str | os.PathLike, names: Sequence[str], record: dict | None = None) -> Path:
-    """Write a stage-2 result: ``<name>.png`` per image, ``stage2.npz`` (latents, z, loss, snapshots) and
-    ``stage2.json`` (cost, names and ``record``: the settings), each atomically. Returns the folder."""
-    folder = save_images(folder, names, out.images)
-    write_npz_atomic(folder / "stage2.npz", latents=out.latents, z=out.z, loss=out.loss,
-                     **{f"snap{k}": v for k, v in out.snapshots.items()})
-    write_json_atomic(folder / "stage2.json", {"names": [str(x) for x in names], "cost": out.cost, **(record or {})})
-    return folder
