@@ -135,6 +135,12 @@ def decode_latents(sd: SDModels, z: torch.Tensor, grad: bool = False) -> torch.T
         return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """Images (n, 3, S, S) float in [0, 1], as :func:`decode_latents` returns them -> (n, S, S, 3) uint8
+    (rounded), the layout of the stimuli and of saved PNGs."""
+    return (images.detach().permute(0, 2, 3, 1).float().cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
 # ---------------------------------------------------------------------------------------------------- c
 
 def prompt_embeddings(sd: SDModels, prompts: Sequence[str], n_tokens: int = 77, batch_size: int = 64) -> torch.Tensor:

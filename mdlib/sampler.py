@@ -183,7 +183,8 @@ class DDIMSampler:
         # Counted before the pass: a checkpointed step's recomputation stops early, as soon as the tensors the
         # backward pass needs exist again, and would never reach a line after the UNet call.
         self.unet_calls += 2 * len(x)
-        both = self.unet(torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([uncond, cond]).to(x.dtype)).sample
+        both = self.unet(torch.cat([x, x]), timestep,
+                         encoder_hidden_states=torch.cat([uncond, cond]).to(x.dtype)).sample
         eps_u, eps_c = both.chunk(2)
         return eps_u + g * (eps_c - eps_u)
 

@@ -129,8 +129,7 @@ def reconstruct(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConf
             idx = todo[start:start + batch_size]
             zb = None if z is None else z[idx].to(sd.device)
             lat = sampler.sample(zb, cond[idx], uncond, generators(seeds[idx]))
-            img = features.decode_latents(sd, lat)
-            img = (img.permute(0, 2, 3, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+            img = features.to_uint8_images(features.decode_latents(sd, lat))
             for j, k in enumerate(idx):
                 images[k], latents[k], computed[k] = img[j], lat[j].float().cpu().numpy(), True
                 if folder is not None:

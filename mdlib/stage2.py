@@ -171,10 +171,6 @@ class Stage2Output:
     cost: dict
 
 
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images.detach().permute(0, 2, 3, 1).float().cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -298,14 +294,14 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
                                                  checkpoint=config.checkpoint)
         losses.append(per_image.detach().float().cpu().numpy())
         if it in config.snapshots or it == config.iterations:
-            snapshots[it] = _to_uint8(images)
+            snapshots[it] = features.to_uint8_images(images)
         if it < config.iterations:
             opt.zero_grad(set_to_none=True)
             per_image.sum().backward()
             opt.step()
             sched.step()
         else:
-            final = (lat.detach().float().cpu().numpy(), _to_uint8(images))
+            final = (lat.detach().float().cpu().numpy(), features.to_uint8_images(images))
         bar.update()
         bar.set_postfix(loss=f"{float(losses[-1].mean()):.4g}")
         if state is not None and (it + 1) % save_every == 0 and it < config.iterations:
@@ -413,7 +409,7 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
     cost = {"unet_passes": sampler.unet_calls - calls0, "unet_backward": backward,
             "wall_s": time.perf_counter() - t0, "peak_memory_bytes": _peak_memory(device)}
     step_losses.append(score_images(clip, targets, images))
-    return Stage2Output(images=_to_uint8(images), latents=x.float().cpu().numpy(), z=z0.cpu().numpy(),
+    return Stage2Output(images=features.to_uint8_images(images), latents=x.float().cpu().numpy(), z=z0.cpu().numpy(),
                         loss=np.stack(step_losses), snapshots={}, cost=cost)
 
 
