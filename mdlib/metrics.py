@@ -90,3 +90,30 @@ def two_way_identification(recon_features, stim_features) -> np.ndarray:
     own = np.diag(C)[:, None]
     wins = (C < own).sum(1)                         # j == i never counts (C[i, i] < C[i, i] is False)
     return wins / (len(a) - 1)
+
+
+def _rows(features) -> np.ndarray:
+    return np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+
+
+def _matched(recon_features, stim_features) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _rows(recon_features), _rows(stim_features)
+    if a.shape != b.shape:
+        raise ValueError(f"features must be paired: {a.shape} vs {b.shape}")
+    return a, b
+
+
+def correlation_distance(recon_features, stim_features) -> np.ndarray:
+    """(n,) 1 - Pearson r between each reconstruction's features and its own stimulus's (EffNet-B and SwAV
+    columns of the eight-metric table; lower is better, 0 for identical features)."""
+    a, b = _matched(recon_features, stim_features)
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    return 1.0 - (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+
+def cosine_similarity(recon_features, stim_features) -> np.ndarray:
+    """(n,) cosine of each reconstruction's features with its own stimulus's (MindDiffuser's CLIP metric on
+    the final image embeddings; 1 for identical features)."""
+    a, b = _matched(recon_features, stim_features)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

@@ -113,6 +113,14 @@ DEFAULT_MANIFEST: dict[str, dict[str, Any]] = {
         "files": ["open_clip_model.safetensors"],
         "fallback_files": ["open_clip_pytorch_model.bin"],
     },
+    "clip_eval": {
+        "id": "timm/vit_large_patch14_clip_224.openai",
+        "revision": "main",
+        "open_clip_name": "ViT-L-14-quickgelu",
+        "open_clip_pretrained": "openai",
+        "files": ["open_clip_model.safetensors"],
+        "fallback_files": ["open_clip_pytorch_model.bin"],
+    },
 }
 
 # SD v1-4's published configs (CompVis/stable-diffusion-v1-4, diffusers layout), embedded so that the
@@ -894,7 +902,7 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
         model = open_clip.create_model(f"local-dir:{tiny_models_dir() / 'clip'}")
     elif label == "openai":
         entry = _manifest_entry("clip_vision")
-        weights = _resolve_clip_weights(entry, local_files_only, cache_dir)
+        weights = resolve_clip_weights("clip_vision", local_files_only, cache_dir)
         model = open_clip.create_model(entry.get("open_clip_name", "ViT-B-32-quickgelu"), pretrained=str(weights))
     else:
         folder = Path(source).expanduser()
@@ -913,16 +921,22 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
                       mean=tuple(mean), std=tuple(std), device=device, dtype=dtype, source=label)
 
 
-def _resolve_clip_weights(entry: dict[str, Any], local_files_only: bool | None,
-                          cache_dir: str | os.PathLike | None) -> Path:
-    """The OpenAI ViT-B/32 weights file in the hub cache (safetensors, else the .bin twin)."""
+def resolve_clip_weights(role: str = "clip_vision", local_files_only: bool | None = None,
+                         cache_dir: str | os.PathLike | None = None) -> Path:
+    """The weights file of a manifest CLIP (``clip_vision``: OpenAI ViT-B/32 for stage 2; ``clip_eval``:
+    OpenAI ViT-L/14 for evaluation) in the hub cache: safetensors, else the .bin twin. Downloads it first
+    unless offline (``local_files_only`` or ``HF_HUB_OFFLINE``).
+
+    Raises:
+        WeightsNotFoundError: not cached and not downloadable now; the message has the fetch command.
+    """
+    entry = _manifest_entry(role)
     first_error: WeightsNotFoundError | None = None
     for names in (entry.get("files") or [], entry.get("fallback_files") or []):
         if not names:
             continue
         try:
-            folder, _, _ = _resolve_hub_folder("clip_vision", None, local_files_only, cache_dir,
-                                               required=names)
+            folder, _, _ = _resolve_hub_folder(role, None, local_files_only, cache_dir, required=names)
             return folder / names[0]
         except WeightsNotFoundError as err:
             first_error = first_error or err

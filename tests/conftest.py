@@ -78,3 +78,36 @@ def clip(tiny_dir):
     from mdlib import models
 
     return models.load_clip_vision(tiny_dir, device="cpu")
+
+
+@pytest.fixture
+def clip_stand_in(tiny_dir, monkeypatch, tmp_path):
+    """A manifest CLIP (``clip_vision`` or ``clip_eval``) whose hub repository is an empty stand-in cache.
+
+    ``clip_stand_in(role)`` registers the tiny CLIP's architecture under the role's open_clip name, sets
+    HF_HUB_OFFLINE and returns ``(cache, snapshot folder)``: copy weight files into the folder to "download"
+    them. No network is involved.
+    """
+    import copy
+    import json
+
+    import open_clip
+
+    from mdlib import models
+
+    model_cfg = json.loads((tiny_dir / "clip" / "open_clip_config.json").read_text())["model_cfg"]
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "mdlib-test-clip", model_cfg)
+    manifest = models.model_manifest()
+    monkeypatch.setattr(models, "model_manifest", lambda path=None: copy.deepcopy(manifest))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def make(role: str):
+        manifest[role]["open_clip_name"] = "mdlib-test-clip"
+        cache, commit = tmp_path / f"hub-{role}", "1" * 40
+        repo = cache / ("models--" + manifest[role]["id"].replace("/", "--"))
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        return cache, repo / "snapshots" / commit
+
+    return make

@@ -288,30 +288,17 @@ def test_loads_a_hub_cache_snapshot(tmp_path, tiny_dir, monkeypatch, deadline):
 
 
 @pytest.mark.parametrize("weights_file", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
-def test_openai_clip_resolves_from_the_hub_cache(tmp_path, tiny_dir, monkeypatch, deadline, weights_file):
+def test_openai_clip_resolves_from_the_hub_cache(tiny_dir, clip_stand_in, deadline, weights_file):
     """source='openai' takes the manifest's file from the hub cache (safetensors, else the .bin twin) and
     builds the manifest's open_clip architecture (here a stand-in: the tiny CLIP's, registered for the test)."""
-    import copy
-
-    import open_clip
     from safetensors.torch import load_file
 
-    model_cfg = json.loads((tiny_dir / "clip" / "open_clip_config.json").read_text())["model_cfg"]
-    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "mdlib-test-clip", model_cfg)
-    manifest = models.model_manifest()
-    manifest["clip_vision"]["open_clip_name"] = "mdlib-test-clip"
-    monkeypatch.setattr(models, "model_manifest", lambda path=None: copy.deepcopy(manifest))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cache, commit = tmp_path / "hub", "1" * 40
-    repo = cache / "models--timm--vit_base_patch32_clip_224.openai"
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    cache, snapshot = clip_stand_in("clip_vision")
     state = load_file(tiny_dir / "clip" / "open_clip_model.safetensors")
     if weights_file.endswith(".bin"):
-        torch.save(state, repo / "snapshots" / commit / weights_file)
+        torch.save(state, snapshot / weights_file)
     else:
-        (repo / "snapshots" / commit / weights_file).write_bytes((tiny_dir / "clip" / weights_file).read_bytes())
+        (snapshot / weights_file).write_bytes((tiny_dir / "clip" / weights_file).read_bytes())
     clip = models.load_clip_vision("openai", device="cpu", cache_dir=cache)
     assert clip.source == "openai" and clip.n_tokens == 50
     assert clip.fingerprint() == models.load_clip_vision(tiny_dir, device="cpu").fingerprint()
