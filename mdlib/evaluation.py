@@ -140,7 +140,8 @@ def table(reports: Mapping[str, Report], view: str = "eight"):
 
 def styled(df, caption: str | None = None):
     """A table for the notebook: identification as percent, the rest to 3 decimals, its header as caption."""
-    formats = {c: ("{:.1f}%" if c in IDENTIFICATION else "{:.3f}") for c in df.columns if c != "images"}
+    numeric = df.select_dtypes("number").columns
+    formats = {c: ("{:.1f}%" if c in IDENTIFICATION else "{:.3f}") for c in numeric if c != "images"}
     text = caption if caption is not None else df.attrs.get("header", "")
     return df.style.format(formats, na_rep="").set_caption(text.replace("\n", "<br>"))
 

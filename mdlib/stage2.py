@@ -204,6 +204,14 @@ def _inputs(sd: SDModels, z, c, targets: FeatureTargets, seeds, sampler_config: 
     return sampler, z0, cond, uncond
 
 
+def snapshot_iterations(iterations: int) -> tuple[int, ...]:
+    """The iterations whose images a run keeps: the paper's figure's 0, 30, 90 and 180 when the run is that
+    long, else the same fractions of a shorter run (0, 1/6, 1/2 and the end), as lessons 05 and 06 show."""
+    if iterations >= PAPER_SNAPSHOTS[-1]:
+        return tuple(k for k in PAPER_SNAPSHOTS if k <= iterations)
+    return tuple(sorted({0, iterations // 6, iterations // 2, iterations}))
+
+
 @dataclass(frozen=True)
 class PublishedConfig:
     """The published optimisation (METHOD.md, stage 2); defaults are the released code's.
