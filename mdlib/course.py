@@ -2,8 +2,9 @@
 
 ``mdlib course --preset mini`` (what ``make demo`` calls) writes mini-NSD if it is missing, executes
 ``notebooks/NN_*.ipynb`` in order into an output folder, and gathers each lesson's recorded numbers
-(``mdlib.record``) into ``summary.json``. A failing lesson stops the run with the notebook, the cell and the
-error, and the executed notebook (with the traceback in it) is kept for reading.
+(``mdlib.record``) into ``summary.json``, and every number, one per line, into ``summary.csv``. A failing lesson
+stops the run with the notebook, the cell and the error, and the executed notebook (with the traceback in it)
+is kept for reading.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
-from .record import load_results, write_json_atomic
+from .record import load_results, write_json_atomic, write_numbers_csv
 
 #: papermill parameters every lesson declares in its ``parameters`` cell.
 COMMON_PARAMETERS = ("PRESET", "DATA_ROOT", "RESULTS_DIR")
@@ -124,5 +125,7 @@ def run_course(preset: str = "mini", data_root: str | os.PathLike | None = None,
     summary = {"preset": preset, "data_root": str(root), "parameters": params, "seconds": timings,
                "results": load_results(results_dir)}
     write_json_atomic(out_dir / "summary.json", summary)
-    print(f"[course] executed notebooks: {out_dir}\n[course] recorded numbers: {out_dir / 'summary.json'}")
+    write_numbers_csv(out_dir / "summary.csv", summary["results"])
+    print(f"[course] executed notebooks: {out_dir}\n[course] recorded numbers: {out_dir / 'summary.json'} "
+          f"(flat: {out_dir / 'summary.csv'})")
     return summary

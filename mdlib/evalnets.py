@@ -348,6 +348,18 @@ class EvalNetworks:
         return "\n".join(lines)
 
 
+def fetch_weights(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, str]:
+    """Download every evaluation network's published weights (needs the network; run once, at home).
+
+    The torchvision and SwAV files go to torch hub's ``checkpoints/``; CLIP ViT-L/14 to the Hugging Face
+    cache. Returns each network's weight source. Afterwards ``weights="auto"`` finds them offline.
+    """
+    nets = EvalNetworks(weights="pretrained", device="cpu", cache_dir=cache_dir, progress=progress)
+    for key in NETWORKS:
+        nets.load(key)
+    return dict(nets.sources)
+
+
 def _content_key(arr: np.ndarray) -> str:
     h = hashlib.sha1(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
     h.update(f"{arr.shape}{arr.dtype}".encode())

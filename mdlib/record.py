@@ -110,3 +110,36 @@ def load_results(results_dir: str | os.PathLike) -> dict[str, dict]:
         with open(p) as f:
             out[p.stem] = json.load(f)
     return out
+
+
+def flatten_numbers(results: Mapping[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """Every number in nested results as ``(dotted key, value)``, in order: lists index as ``key[i]``.
+
+    ``{"05": {"loss": {"stage1": 0.5}, "curve": [1, 2]}}`` -> ``[("05.loss.stage1", 0.5), ("05.curve[0]", 1.0),
+    ("05.curve[1]", 2.0)]``. Booleans and strings are left out; None (JSON's NaN) is kept as NaN.
+    """
+    out: list[tuple[str, float]] = []
+    items = results.items() if isinstance(results, Mapping) else enumerate(results)
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(k, int) else (f"{prefix}.{k}" if prefix else str(k))
+        if isinstance(v, (Mapping, list, tuple)):
+            out.extend(flatten_numbers(v, key))
+        elif v is None:
+            out.append((key, math.nan))
+        elif isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
+            out.append((key, float(v)))
+    return out
+
+
+def write_numbers_csv(path: str | os.PathLike, results: Mapping[str, Any]) -> Path:
+    """Every recorded number as a two-column CSV (``key,value``), atomically: the course summary to grep."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["key", "value"])
+    writer.writerows((k, repr(v)) for k, v in flatten_numbers(results))
+    text = buf.getvalue()
+    return _write_atomic(path, lambda f: f.write(text), mode="w")
+

@@ -63,3 +63,17 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         write_json_atomic(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_every_number_is_flattened_in_order(tmp_path):
+    from mdlib.record import flatten_numbers, write_numbers_csv
+
+    results = {"05": {"loss": {"stage1": 0.5, "note": "text", "ok": True}, "curve": [1, 2.5], "nan": None},
+               "06": {"table": {"full": {"SSIM": np.float32(0.25)}}}}
+    flat = flatten_numbers(results)
+    assert [k for k, _ in flat] == ["05.loss.stage1", "05.curve[0]", "05.curve[1]", "05.nan", "06.table.full.SSIM"]
+    assert [v for _, v in flat][:3] == [0.5, 1.0, 2.5] and math.isnan(flat[3][1]) and flat[4][1] == 0.25
+    path = write_numbers_csv(tmp_path / "summary.csv", results)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "key,value" and lines[1] == "05.loss.stage1,0.5" and lines[4] == "05.nan,nan"
+

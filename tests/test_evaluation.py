@@ -307,3 +307,25 @@ def test_published_numbers_are_evaluation_md_s(scene_images):
     assert both.index[0] == "stage 1" and both.loc["stage 1", "source"] == "mini-NSD, this run"
     assert both.loc["MindEye", "source"] == "MindEye (NeurIPS 2023)"
     assert both.attrs["header"].startswith("OURS (mini-NSD, this run)")
+
+
+def test_fetch_weights_gets_every_network_once(tmp_path, monkeypatch, tiny_dir, clip_stand_in):
+    """fetch_weights asks torch hub for each torchvision/SwAV file and resolves CLIP in the hub cache; the
+    downloads are stand-ins here (the networks' own fresh weights)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    urls = {evalnets.weights_url(k): k for k in ("alexnet", "inception", "effnet", "swav")}
+    asked = []
+
+    def download(url, *args, weights_only=False, **kwargs):
+        assert weights_only, "weights are loaded with weights_only=True"
+        asked.append(urls[url])
+        state = evalnets._architecture(urls[url], "ViT-B-32").state_dict()
+        return {f"module.{k}": v for k, v in state.items()} if urls[url] == "swav" else state
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    cache, snapshot = clip_stand_in("clip_eval")
+    name = "open_clip_model.safetensors"
+    (snapshot / name).write_bytes((tiny_dir / "clip" / name).read_bytes())
+    sources = evalnets.fetch_weights(cache_dir=cache, progress=False)
+    assert sorted(asked) == ["alexnet", "effnet", "inception", "swav"]
+    assert set(sources) == set(evalnets.NETWORKS) and all(v.startswith("pretrained") for v in sources.values())

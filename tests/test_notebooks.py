@@ -20,13 +20,14 @@ from mdlib.synth.write import load_truth, write_mini_nsd
 pytestmark = pytest.mark.notebook
 
 SUBJECT = 1
+OTHER_SUBJECT = 2      # lesson 06's cross-subject comparison, on two subjects in CI
 
 
 @pytest.fixture(scope="module")
 def mini_root(tmp_path_factory):
-    """A default-size mini-NSD (what `make demo` uses) for subject 1 only, written once for this module."""
+    """A default-size mini-NSD (what `make demo` uses) for subjects 1 and 2, written once for this module."""
     root = tmp_path_factory.mktemp("mini-nsd")
-    write_mini_nsd(root, subjects=(SUBJECT,), progress=False)
+    write_mini_nsd(root, subjects=(SUBJECT, OTHER_SUBJECT), progress=False)
     return root
 
 
@@ -41,6 +42,19 @@ def course_run(mini_root, tmp_path_factory):
     course.run_course("mini", data_root=mini_root, out=out, only=["01", "02", "03", "04"], progress=False)
     # The same output folder: the summary gathers every lesson's results.
     summary = course.run_course("mini", data_root=mini_root, out=out, only=["05"], parameters=LESSON_05_SMOKE,
+                                progress=False)
+    return out, summary
+
+
+#: Lesson 06 in CI: 4 images (2 of them optimised by lesson 05's smoke run, whose states it reads back), two
+#: subjects.
+LESSON_06_SMOKE = {"N_IMAGES": 4, "BATCH_SIZE": 2, "ITERATIONS": 6, "SUBJECTS": [SUBJECT, OTHER_SUBJECT]}
+
+
+@pytest.fixture(scope="module")
+def lesson06_run(course_run, mini_root):
+    out, _ = course_run
+    summary = course.run_course("mini", data_root=mini_root, out=out, only=["06"], parameters=LESSON_06_SMOKE,
                                 progress=False)
     return out, summary
 
@@ -258,9 +272,97 @@ def test_lesson_05_lowers_the_feature_loss_in_both_modes_at_the_counted_cost(cou
     assert np.abs(here - there).max() <= 1   # batches of other sizes: float rounding at most
 
 
+def _test_ids(root, subject):
+    """A subject's test images (shared images it saw), by brute force from the design arrays."""
+    mat = scipy.io.loadmat(root / layout.expdesign())
+    mo = mat["masterordering"].ravel().astype(int)
+    subjectim = mat["subjectim"].astype(int)
+    n_trials = int(mat["basiccnt"].sum())
+    return {int(subjectim[subject - 1, m - 1] - 1) for m in mo[:n_trials] if m <= mat["sharedix"].size}
+
+
+def test_lesson_06_evaluates_the_ablation_and_the_subjects(lesson06_run, mini_root):
+    from pathlib import Path
+
+    from mdlib import evaluation, pipeline
+    from mdlib.nsd.stimuli import StimulusReader
+
+    out, summary = lesson06_run
+    r = summary["results"]["06_evaluation"]
+    n = LESSON_06_SMOKE["N_IMAGES"]
+    # The first n test images common to both subjects, and "another test image" from outside them.
+    common = sorted(_test_ids(mini_root, SUBJECT) & _test_ids(mini_root, OTHER_SUBJECT))
+    assert r["nsd_ids"] == common[:n] and r["n_common_test_images"] == len(common)
+    assert r["other_image_ids"] == common[n:2 * n]
+    assert set(r["ablation"]) == {*pipeline.CONDITIONS, "stimulus itself", "another test image"}
+    ident = ["AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP"]
+    # Known answers: a stimulus against itself.
+    own = r["ablation"]["stimulus itself"]
+    assert all(own[m] == 100.0 for m in ident)
+    assert own["PixCorr"] == pytest.approx(1) and own["SSIM"] == pytest.approx(1)
+    assert own["CLIP-cos"] == pytest.approx(1, abs=1e-5)
+    assert own["EffNet-B"] == pytest.approx(0, abs=1e-5) and own["SwAV"] == pytest.approx(0, abs=1e-5)
+    # Identification per image counts the n - 1 other stimuli; the means are those of the per-image values.
+    for cond, per in r["ablation_per_image"].items():
+        for m in ident:
+            steps = np.array(per[m]) * (n - 1) / 100
+            np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
+            assert r["ablation"][cond][m] == pytest.approx(np.mean(per[m]))
+        assert r["ablation"][cond]["PCC"] == r["ablation"][cond]["PixCorr"]
+    # CI has no pretrained evaluation weights: every network is random, and the header says so.
+    assert r["random_weight_networks"] == ["alexnet", "clip", "effnet", "inception", "swav"]
+    assert r["header"].startswith("RANDOM-WEIGHT NETWORKS") and "true 2-D SSIM" in r["header"]
+    # PixCorr and SSIM are those of the saved images, recomputed independently.
+    with StimulusReader(mini_root) as reader:
+        stim = reader.read(r["nsd_ids"])
+        others = reader.read(r["other_image_ids"])
+    for cond in pipeline.CONDITIONS:
+        pc, ss = _pixcorr_ssim_reference(_read_pngs(Path(r["image_dirs"][cond]), r["nsd_ids"]), stim)
+        assert r["ablation"][cond]["PixCorr"] == pytest.approx(pc, abs=0.005), cond
+        assert r["ablation"][cond]["SSIM"] == pytest.approx(ss, abs=0.005), cond
+    pc, ss = _pixcorr_ssim_reference(others, stim)
+    assert r["ablation"]["another test image"]["PixCorr"] == pytest.approx(pc, abs=0.005)
+    # The ablation's stage-1 rows are lesson 04's images, and "full" read back lesson 05's optimisation for the
+    # images both ran (same decoded features, settings and seeds: the same saved state).
+    r04 = summary["results"]["04_stage1_img2img"]
+    for cond, name in (("without control", "decoded (z, c)"), ("true (z, c)", "true (z, c)"),
+                       ("without z", "without z")):
+        assert Path(r["image_dirs"][cond]) == Path(r04["image_dirs"][name])
+    r05 = summary["results"]["05_stage2_guidance"]
+    both = r05["nsd_ids"]
+    assert set(both) <= set(r["nsd_ids"]) and r["iterations"] == r05["iterations"]
+    np.testing.assert_array_equal(_read_pngs(Path(r["image_dirs"]["full"]), both),
+                                  _read_pngs(Path(r05["image_dirs"]["published"]), both))
+    # Cross-subject: subject 1's pipeline is the ablation's fast row; subject 2's metrics are its saved images'.
+    assert r["subjects"] == [SUBJECT, OTHER_SUBJECT] and r["cross_subject_condition"] == "fast"
+    assert r["cross_subject"][str(SUBJECT)] == r["ablation"]["fast"]
+    pc, ss = _pixcorr_ssim_reference(_read_pngs(Path(r["cross_subject_dirs"][str(OTHER_SUBJECT)]), r["nsd_ids"]),
+                                     stim)
+    assert r["cross_subject"][str(OTHER_SUBJECT)]["PixCorr"] == pytest.approx(pc, abs=0.005)
+    assert r["cross_subject"][str(OTHER_SUBJECT)]["SSIM"] == pytest.approx(ss, abs=0.005)
+    assert r["decoding_median_r"][str(SUBJECT)]["z"] == pytest.approx(
+        summary["results"]["03_ridge_decoding"]["median_r"]["z"], abs=1e-6)
+    # The CSV tables hold the JSON's numbers under the same header; the comparison adds the published rows.
+    ablation = evaluation.read_table(r["tables"]["ablation"])
+    assert ablation.attrs["header"] == r["header"]
+    assert list(ablation.columns) == ["images", *evaluation.VIEWS["all"]]
+    for cond, values in r["ablation"].items():
+        for m in evaluation.VIEWS["all"]:
+            assert ablation.loc[cond, m] == pytest.approx(values[m], rel=1e-12), (cond, m)
+    cross = evaluation.read_table(r["tables"]["cross_subject"])
+    assert cross.loc[f"subject {OTHER_SUBJECT}", "SSIM"] == pytest.approx(r["cross_subject"]["2"]["SSIM"])
+    comparison = evaluation.read_table(r["tables"]["comparison"])
+    assert comparison.loc["MindDiffuser, full", ["CLIP-cos", "SSIM", "PCC"]].tolist() == [.765, .354, .278]
+    assert comparison.loc["fast", "source"].startswith("this run: mini")
+    assert "PUBLISHED" in comparison.attrs["header"] and "RANDOM-WEIGHT" in comparison.attrs["header"]
+
+
 def test_course_writes_executed_notebooks_and_summary(course_run):
     out, summary = course_run
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
+    flat = (out / "summary.csv").read_text().splitlines()
+    n_train = summary["results"]["01_nsd_data"]["n_train"]
+    assert f"01_nsd_data.n_train,{float(n_train)!r}" in flat
     for name in ("01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding", "04_stage1_img2img", "05_stage2_guidance"):
         nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
