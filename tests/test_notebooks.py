@@ -357,13 +357,14 @@ def test_lesson_06_evaluates_the_ablation_and_the_subjects(lesson06_run, mini_ro
     assert "PUBLISHED" in comparison.attrs["header"] and "RANDOM-WEIGHT" in comparison.attrs["header"]
 
 
-def test_course_writes_executed_notebooks_and_summary(course_run):
-    out, summary = course_run
+def test_course_writes_executed_notebooks_and_summary(lesson06_run):
+    out, summary = lesson06_run
     assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
     flat = (out / "summary.csv").read_text().splitlines()
     n_train = summary["results"]["01_nsd_data"]["n_train"]
     assert f"01_nsd_data.n_train,{float(n_train)!r}" in flat
-    for name in ("01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding", "04_stage1_img2img", "05_stage2_guidance"):
+    assert list(summary["results"]) == [nb.stem for nb in course.lesson_notebooks()]   # every lesson, in order
+    for name in summary["results"]:
         nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                     if o.get("output_type") == "error"]
