@@ -400,13 +400,15 @@ def test_a_failing_lesson_names_the_notebook_and_cell(tmp_path, monkeypatch, min
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
     nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell('PRESET = "mini"\nDATA_ROOT = ""\nRESULTS_DIR = ""', metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell('PRESET = "mini"\nDATA_ROOT = ""\nRESULTS_DIR = ""',
+                                  metadata={"tags": ["parameters"]}),
         nbformat.v4.new_code_cell("x = 1"),
         nbformat.v4.new_code_cell("raise ValueError('broken on purpose')"),
     ])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, nbdir / "01_broken.ipynb")
     monkeypatch.setenv("MDLIB_NOTEBOOKS", str(nbdir))
-    with pytest.raises(course.CourseError, match=r"01_broken\.ipynb failed in cell \d+ \(ValueError: broken on purpose"):
+    failing = r"01_broken\.ipynb failed in cell \d+ \(ValueError: broken on purpose"
+    with pytest.raises(course.CourseError, match=failing):
         course.run_course("mini", data_root=mini_root, out=tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "01_broken.ipynb").is_file()
