@@ -76,10 +76,7 @@ def ssim(recons, stims, size: int = EVAL_SIZE) -> float:
 def two_way_identification(recon_features, stim_features) -> np.ndarray:
     """(n,) for each reconstruction i, the fraction of stimuli j != i with corr(recon_i, stim_j) <
     corr(recon_i, stim_i); features (n, d) (flattened if more dims). Chance is 0.5 (EVALUATION.md)."""
-    a = np.asarray(recon_features, dtype=np.float64).reshape(len(recon_features), -1)
-    b = np.asarray(stim_features, dtype=np.float64).reshape(len(stim_features), -1)
-    if a.shape != b.shape:
-        raise ValueError(f"features must be paired: {a.shape} vs {b.shape}")
+    a, b = _matched(recon_features, stim_features)
     if len(a) < 2:
         raise ValueError("two-way identification needs at least 2 images")
     a = a - a.mean(1, keepdims=True)
