@@ -2,6 +2,7 @@
 
     mdlib mini [DATA_ROOT]            write a synthetic mini-NSD in NSD's exact formats
     mdlib course [--preset mini|nsd]  run every lesson with papermill and summarise their numbers
+    mdlib train-mini [OUT]            train the tiny models on mini-NSD's scenes (resumable)
     mdlib info                        show where mdlib reads and writes
 """
 
@@ -53,6 +54,20 @@ def cmd_course(args) -> int:
     return 0
 
 
+def cmd_train_mini(args) -> int:
+    import dataclasses
+
+    from .train_mini import TrainMiniConfig, train_mini
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainMiniConfig)
+                 if getattr(args, f.name, None) is not None}
+    out = args.out or paths.home() / "models" / "tiny-trained"
+    record = train_mini(out, TrainMiniConfig(**overrides), progress=not args.quiet)
+    print(json.dumps({k: record[k] for k in ("seconds", "final_loss", "vae_scaling_factor")}, indent=2))
+    print(f"trained models written to {out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     print(f"mdlib {__version__}")
     print(f"home ({paths.ENV_VAR}): {paths.home()}")
@@ -88,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_course)
+
+    t = sub.add_parser("train-mini", help="train the tiny models on mini-NSD's scenes (resumable)")
+    t.add_argument("out", nargs="?", default=None, help="model folder (default: $MDLIB_DATA/models/tiny-trained)")
+    t.add_argument("--seed", type=int, default=None)
+    for name in ("n_scenes", "vae_steps", "clip_steps", "unet_steps", "vae_batch", "clip_batch", "unet_batch"):
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    t.add_argument("-q", "--quiet", action="store_true")
+    t.set_defaults(func=cmd_train_mini)
 
     i = sub.add_parser("info", help="show mdlib's folders")
     i.set_defaults(func=cmd_info)

@@ -565,10 +565,20 @@ def build_tiny_models(folder: str | os.PathLike, seed: int = TINY_SEED, image_si
 
 
 def _save_tiny(folder: Path, seed: int, image_size: int, recipe: dict[str, Any]) -> None:
+    save_tiny_components(folder, make_tiny_components(seed=seed, image_size=image_size), recipe,
+                         note="mdlib tiny models: seeded random weights (mdlib.models)")
+
+
+def save_tiny_components(folder: str | os.PathLike, parts: dict[str, Any], recipe: dict[str, Any],
+                         note: str) -> Path:
+    """Save :func:`make_tiny_components`' parts (random or trained) in the tiny-model layout of
+    :func:`build_tiny_models`, the marker ``mdlib_tiny.json`` (``recipe`` + sizes + ``note``) written last."""
     import diffusers
     from safetensors.torch import save_file
 
-    parts = make_tiny_components(seed=seed, image_size=image_size)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_size = int(recipe["image_size"])
     parts["vae"].save_pretrained(folder / "vae", safe_serialization=True)
     parts["unet"].save_pretrained(folder / "unet", safe_serialization=True)
     with _quiet_transformers():
@@ -596,8 +606,8 @@ def _save_tiny(folder: Path, seed: int, image_size: int, recipe: dict[str, Any])
     sizes = {name: n_params(parts[name]) for name in ("vae", "unet", "text_encoder", "clip")}
     sizes["clip_vision"] = n_params(parts["clip"].visual)
     n_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    _write_json(folder / _TINY_MARKER, {**recipe, "n_params": sizes, "bytes": n_bytes,
-                                        "note": "mdlib tiny models: seeded random weights (mdlib.models)"})
+    _write_json(folder / _TINY_MARKER, {**recipe, "n_params": sizes, "bytes": n_bytes, "note": note})
+    return folder
 
 
 def _chmod_like_umask(folder: Path) -> None:
@@ -896,7 +906,7 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
 
     device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
-    mean, std = normalization_stats(normalization)
+    normalization_stats(normalization)  # a bad name fails before any weights are read
     label = str(source)
     if label == "tiny":
         model = open_clip.create_model(f"local-dir:{tiny_models_dir() / 'clip'}")
@@ -912,13 +922,21 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
             raise FileNotFoundError(f"{folder}: expected an open_clip folder (open_clip_config.json + weights), "
                                     f"or source='tiny' / 'openai'")
         model = open_clip.create_model(f"local-dir:{folder}")
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return wrap_clip(model.to(device=device, dtype=dtype).eval().requires_grad_(False), normalization, label)
+
+
+def wrap_clip(model: Any, normalization: str = "clip", source: str = "") -> ClipVision:
+    """An open_clip ``CLIP`` as a :class:`ClipVision` (its sizes read from the model; device and dtype from its
+    parameters). The model is used as it is: frozen by :func:`load_clip_vision`, trainable in
+    :mod:`mdlib.train_mini`."""
+    mean, std = normalization_stats(normalization)
     visual = model.visual
     grid = tuple(visual.grid_size)
+    first = next(model.parameters())
     return ClipVision(model=model, input_size=int(visual.image_size[0]), n_tokens=grid[0] * grid[1] + 1,
                       width=int(visual.positional_embedding.shape[-1]), embed_dim=int(visual.output_dim),
                       n_blocks=len(visual.transformer.resblocks), normalization=normalization,
-                      mean=tuple(mean), std=tuple(std), device=device, dtype=dtype, source=label)
+                      mean=tuple(mean), std=tuple(std), device=first.device, dtype=first.dtype, source=source)
 
 
 def resolve_clip_weights(role: str = "clip_vision", local_files_only: bool | None = None,

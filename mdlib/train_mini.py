@@ -1,0 +1,350 @@
+"""Training the tiny models on mini-NSD's scenes, so that the mini path reconstructs (``mdlib train-mini``).
+
+The tiny models of :mod:`mdlib.models` have the real models' classes and seeded random weights. This module
+trains every one of them on procedural scenes and captions drawn from the same distribution as mini-NSD's
+stimuli (:mod:`mdlib.synth.scenes`; a seed stream of their own, so the mini-NSD stimuli themselves are not
+in the training set), in the order Stable Diffusion's parts depend on each other:
+
+1. **VAE** (``AutoencoderKL``): images (64 px, [-1, 1]) -> 4 x 16 x 16 latents -> images; loss = mean squared
+   error + ``kl_weight`` x KL (SD's VAE: a small KL term keeps the latent space smooth). Afterwards its
+   ``scaling_factor`` is set to 1 / (standard deviation of the training latents), as SD v1 did (0.18215),
+   so the diffusion model sees latents of unit variance.
+2. **CLIP pair** (open_clip ``CLIP``: the ViT whose blocks give stage 2's structural features, and a text
+   tower): the symmetric contrastive (InfoNCE) loss of CLIP on (scene, one of its captions) pairs.
+3. **Text encoder and UNet** (``CLIPTextModel``, ``UNet2DConditionModel``): the diffusion loss of SD (noise
+   prediction, MSE) on the VAE's latents at uniformly drawn timesteps of SD v1-4's schedule, conditioned on a
+   caption's token embeddings (``n_tokens`` tokens, as the lessons use); the caption is replaced by the empty
+   prompt with probability ``uncond_prob`` so that classifier-free guidance works. The text encoder learns
+   with the UNet (SD froze CLIP's; the tiny one has nothing pretrained to freeze).
+
+Every stage saves a checkpoint every ``save_every`` steps (weights and AdamW state as safetensors, step and
+losses as JSON, written atomically) and resumes from it: an interrupted run loses at most that many steps.
+The result is a model folder in :func:`mdlib.models.build_tiny_models`' layout that ``load_sd`` and
+``load_clip_vision`` read like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mdlib import models
+from mdlib.record import write_json_atomic
+
+STAGES = ("vae", "clip", "unet")
+
+
+@dataclass(frozen=True)
+class TrainMiniConfig:
+    """The training recipe (defaults: the shipped weights' recipe, under an hour on 2 CPU cores).
+
+    Attributes:
+        seed: seeds the scenes, the initial weights (:func:`mdlib.models.make_tiny_components`) and the batches.
+        n_scenes, n_heldout: training scenes and held-out scenes (quality measures), rendered once.
+        *_steps, *_batch, *_lr: per stage. kl_weight: the VAE's KL term. uncond_prob: caption dropout.
+        text_lr: the text encoder's learning rate while the UNet trains.
+        n_tokens: caption tokens the UNet is conditioned on (the lessons' N_TOKENS, 15 as released).
+        save_every: steps between checkpoints.
+    """
+
+    seed: int = 0
+    image_size: int = models.TINY_IMAGE_SIZE
+    n_scenes: int = 16000
+    n_heldout: int = 512
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    clip_steps: int = 2000
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    text_lr: float = 3e-4
+    uncond_prob: float = 0.1
+    n_tokens: int = 15
+    save_every: int = 250
+
+
+# ------------------------------------------------------------------------------------------------ scenes
+
+@dataclass
+class ScenePool:
+    """Rendered scenes: ``images`` (n, S, S, 3) uint8 and 5 ``captions`` per scene."""
+
+    images: np.ndarray
+    captions: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def scene_pool(n: int, seed: int, image_size: int, stream: int = 0, progress: bool = False) -> ScenePool:
+    """``n`` scenes of mini-NSD's distribution from seed stream ``(seed, 7, stream)`` (0: training, 1: held
+    out), rendered at ``image_size`` px. Deterministic."""
+    from tqdm import tqdm
+
+    from mdlib.synth import scenes
+
+    rng = np.random.default_rng([int(seed), 7, int(stream)])
+    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    caps = []
+    for k in tqdm(range(n), desc="rendering scenes", unit="scene", disable=not progress, mininterval=2):
+        scene = scenes.random_scene(rng)
+        images[k] = scenes.render(scene, size=image_size)
+        caps.append(scenes.captions(scene, rng))
+    return ScenePool(images, caps)
+
+
+def _unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, S, S, 3) -> float (n, 3, S, S) in [-1, 1] (the VAE's input range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer, step: int, losses: Sequence[float], extra: dict | None = None
+                    ) -> Path:
+    """Weights, AdamW state (safetensors) and step/losses (JSON) into ``folder``, replacing it atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in modules.items():
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
+                  str(tmp / f"{name}.safetensors"))
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    write_json_atomic(tmp / "state.json", {"step": int(step), "losses": [float(x) for x in losses],
+                                            "param_groups": state["param_groups"], "scalars": scalars,
+                                            **(extra or {})})
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                    optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore what :func:`save_checkpoint` wrote; returns its JSON (step, losses), or None if there is none."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        return None
+    info = json.loads((folder / "state.json").read_text())
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(info["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _schedule(steps: int, warmup: int = 100) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 10% (a multiplier of the learning rate at each step)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return factor
+
+
+def _loop(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, steps: int,
+          loss_fn: Callable[[np.random.Generator], torch.Tensor], ckpt: Path, seed: int, save_every: int,
+          progress: bool) -> list[float]:
+    """The shared training loop: resumes from ``ckpt``, one seeded batch generator per step (so a resumed run
+    draws the same batches as an uninterrupted one), a tqdm bar, checkpoints every ``save_every`` steps."""
+    from tqdm import tqdm
+
+    info = load_checkpoint(ckpt, modules, optimizer)
+    start, losses = (info["step"], info["losses"]) if info else (0, [])
+    # Resuming: the schedule continues at `start` (the restored param groups carry its initial_lr).
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps), last_epoch=start - 1)
+    for m in modules.values():
+        m.train()
+    bar = tqdm(total=steps, initial=start, desc=f"train {name}", unit="step", disable=not progress, mininterval=2)
+    for step in range(start, steps):
+        rng = np.random.default_rng([seed, STAGES.index(name), step])
+        loss = loss_fn(rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
+        optimizer.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            save_checkpoint(ckpt, modules, optimizer, step + 1, losses)
+    bar.close()
+    for m in modules.values():
+        m.eval()
+    return losses
+
+
+def train_vae(vae, pool: ScenePool, config: TrainMiniConfig, ckpt: Path, progress: bool = True) -> list[float]:
+    """Stage 1 of the recipe: reconstruction MSE + kl_weight x KL, then the latent scaling factor."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+
+    def loss_fn(rng):
+        x = _unit(pool.images[rng.integers(0, len(pool), config.vae_batch)])
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(
+            int(rng.integers(2**31))))
+        recon = vae.decode(z).sample
+        return F.mse_loss(recon, x) + config.kl_weight * dist.kl().mean()
+
+    return _loop("vae", {"vae": vae}, opt, config.vae_steps, loss_fn, ckpt, config.seed, config.save_every,
+                 progress)
+
+
+def latent_stats(vae, pool: ScenePool, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The posterior means and standard deviations of every pool image (unscaled), (n, 4, h, w) each."""
+    means, stds = [], []
+    with torch.no_grad():
+        for s in range(0, len(pool), batch):
+            dist = vae.encode(_unit(pool.images[s:s + batch])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_clip(clip_model, pool: ScenePool, tokenizer: Callable, config: TrainMiniConfig, ckpt: Path,
+               progress: bool = True) -> list[float]:
+    """Stage 2: CLIP's symmetric InfoNCE on (scene, caption) pairs, with the learned temperature."""
+    wrapped = models.wrap_clip(clip_model)
+    opt = torch.optim.AdamW(clip_model.parameters(), lr=config.clip_lr, weight_decay=0.1)
+
+    def loss_fn(rng):
+        from mdlib.features import clip_preprocess
+
+        idx = rng.integers(0, len(pool), config.clip_batch)
+        text = tokenizer([pool.captions[i][rng.integers(5)] for i in idx])
+        img = clip_model.encode_image(clip_preprocess(wrapped, pool.images[idx]), normalize=True)
+        txt = clip_model.encode_text(text, normalize=True)
+        logits = clip_model.logit_scale.exp() * img @ txt.T
+        target = torch.arange(len(idx))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    return _loop("clip", {"clip": clip_model}, opt, config.clip_steps, loss_fn, ckpt, config.seed,
+                 config.save_every, progress)
+
+
+def caption_tokens(tokenizer, prompts: Sequence[str], n_tokens: int) -> torch.Tensor:
+    """Token ids (n, n_tokens) as SD's pipeline makes them: padded to ``max_length``, truncated."""
+    return tokenizer(list(prompts), padding="max_length", max_length=n_tokens, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_unet(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor, stds: torch.Tensor, scale: float,
+               pool: ScenePool, config: TrainMiniConfig, ckpt: Path, progress: bool = True) -> list[float]:
+    """Stage 3: SD's noise-prediction loss on scaled posterior samples, text encoder trained along."""
+    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": config.unet_lr},
+                             {"params": text_encoder.parameters(), "lr": config.text_lr}], weight_decay=0.0)
+    abar = scheduler.alphas_cumprod.float()
+    n_train = scheduler.config.num_train_timesteps
+
+    def loss_fn(rng):
+        idx = rng.integers(0, len(pool), config.unet_batch)
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        x0 = scale * (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g))
+        prompts = ["" if rng.random() < config.uncond_prob else pool.captions[i][rng.integers(5)] for i in idx]
+        cond = text_encoder(caption_tokens(tokenizer, prompts, config.n_tokens)).last_hidden_state
+        t = torch.from_numpy(rng.integers(0, n_train, len(idx)))
+        noise = torch.randn(x0.shape, generator=g)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return F.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, noise)
+
+    return _loop("unet", {"unet": unet, "text_encoder": text_encoder}, opt, config.unet_steps, loss_fn, ckpt,
+                 config.seed, config.save_every, progress)
+
+
+def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, work: str | os.PathLike | None = None,
+               progress: bool = True) -> dict:
+    """Train all tiny models and write them to ``out`` (a model folder); returns the training record.
+
+    ``work`` keeps the checkpoints (default: ``<out>.work``); rerunning after an interruption resumes there.
+    The record (recipe, losses, times, latent scale) is saved as ``<out>/mdlib_trained.json``.
+    """
+    from open_clip import get_tokenizer
+
+    config = config or TrainMiniConfig()
+    out = Path(out).expanduser()
+    work = Path(work).expanduser() if work else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    pool = scene_pool(config.n_scenes, config.seed, config.image_size, stream=0, progress=progress)
+    parts = models.make_tiny_components(seed=config.seed, image_size=config.image_size)
+    tiny = models.tiny_models_dir()   # the tokenizer files (CLIP's BPE) of the tiny build
+    from transformers import CLIPTokenizer
+
+    sd_tokenizer = CLIPTokenizer.from_pretrained(tiny / "tokenizer", model_max_length=77, local_files_only=True)
+    clip_tokenizer = get_tokenizer("ViT-B-32")   # open_clip's CLIP BPE tokenizer, 77 tokens
+    for m in (parts["vae"], parts["unet"], parts["text_encoder"], parts["clip"]):
+        m.requires_grad_(True)
+    record: dict[str, Any] = {"config": asdict(config), "seconds": {}, "final_loss": {}}
+
+    t = time.perf_counter()
+    losses = train_vae(parts["vae"], pool, config, work / "vae", progress)
+    record["seconds"]["vae"], record["final_loss"]["vae"] = time.perf_counter() - t, float(np.mean(losses[-100:]))
+    parts["vae"].requires_grad_(False)
+    means, stds = latent_stats(parts["vae"], pool)
+    scale = float(1.0 / means.std())
+    parts["vae"].register_to_config(scaling_factor=scale)
+    record["vae_scaling_factor"] = scale
+
+    t = time.perf_counter()
+    losses = train_clip(parts["clip"], pool, clip_tokenizer, config, work / "clip", progress)
+    record["seconds"]["clip"], record["final_loss"]["clip"] = time.perf_counter() - t, float(np.mean(losses[-100:]))
+
+    t = time.perf_counter()
+    losses = train_unet(parts["unet"], parts["text_encoder"], sd_tokenizer, parts["scheduler"], means, stds, scale,
+                        pool, config, work / "unet", progress)
+    record["seconds"]["unet"], record["final_loss"]["unet"] = time.perf_counter() - t, float(np.mean(losses[-100:]))
+    record["seconds"]["total"] = time.perf_counter() - t0
+    for m in (parts["vae"], parts["unet"], parts["text_encoder"], parts["clip"]):
+        m.eval().requires_grad_(False)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    recipe = {"version": models.TINY_VERSION, "seed": config.seed, "image_size": config.image_size, "trained": True}
+    models.save_tiny_components(tmp, parts, recipe,
+                                note="mdlib tiny models trained on mini-NSD's scenes (mdlib.train_mini)")
+    write_json_atomic(tmp / "mdlib_trained.json", record)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return record
