@@ -60,17 +60,17 @@ class TrainMiniConfig:
 
     seed: int = 0
     image_size: int = models.TINY_IMAGE_SIZE
-    n_scenes: int = 16000
+    n_scenes: int = 8000
     n_heldout: int = 512
-    vae_steps: int = 3000
-    vae_batch: int = 32
+    vae_steps: int = 1500
+    vae_batch: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    clip_steps: int = 2000
+    clip_steps: int = 1000
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    unet_steps: int = 6000
-    unet_batch: int = 64
+    unet_steps: int = 2500
+    unet_batch: int = 32
     unet_lr: float = 1e-3
     text_lr: float = 3e-4
     uncond_prob: float = 0.1
