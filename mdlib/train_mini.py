@@ -348,3 +348,53 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
         shutil.rmtree(out)
     os.replace(tmp, out)
     return record
+
+
+# ----------------------------------------------------------------------------------------------- quality
+
+def quality(folder: str | os.PathLike, n_heldout: int = 512, n_samples: int = 64, seed: int = 0,
+            n_tokens: int = 15, device: str | torch.device | None = "cpu", progress: bool = True) -> dict:
+    """How well trained tiny models work, on held-out scenes (seed stream 1, never trained on).
+
+    - ``vae_psnr``: PSNR (dB) of the VAE's reconstruction (posterior mean) of the held-out images in [0, 1].
+    - ``clip_top1`` / ``clip_top5``: for each held-out image, whether its own caption ranks first / in the top
+      5 among the ``n_heldout`` captions by the CLIP pair's cosine (chance: 1 / n_heldout, 5 / n_heldout).
+    - ``sample_top1``: text-to-image samples (the published sampler's 50 steps, guidance 5) of the first
+      ``n_samples`` captions; the fraction whose own caption ranks first among those ``n_samples`` by the CLIP
+      pair (chance 1 / n_samples), next to ``real_top1``, the same for the real images (the ceiling).
+    Returns the numbers and, under ``"samples"``, the (n_samples, S, S, 3) uint8 images.
+    """
+    from open_clip import get_tokenizer
+
+    from mdlib import features, stage1
+    from mdlib.sampler import SamplerConfig
+
+    sd = models.load_sd(folder, device=device)
+    clip = models.load_clip_vision(folder, device=sd.device)
+    pool = scene_pool(n_heldout, seed, sd.image_size, stream=1)
+    with torch.no_grad():
+        x = _unit(pool.images).to(sd.device)
+        recon = torch.cat([sd.vae.decode(sd.vae.encode(x[s:s + 64]).latent_dist.mean).sample
+                           for s in range(0, len(x), 64)])
+        mse = (((recon.clamp(-1, 1) - x) / 2) ** 2).mean(dim=(1, 2, 3))
+        psnr = float((10 * torch.log10(1.0 / mse)).mean())
+        tok = get_tokenizer("ViT-B-32")
+        first = [c[0] for c in pool.captions]
+
+        def embed_images(images):
+            return clip.model.encode_image(features.clip_preprocess(clip, images), normalize=True)
+
+        text = clip.model.encode_text(tok(first).to(sd.device), normalize=True)
+        sims = embed_images(pool.images) @ text.T                    # (image, caption)
+        rank = (sims > sims.diag()[:, None]).sum(1)                  # captions scoring above the image's own
+        prompts = first[:n_samples]
+        cond = features.prompt_embeddings(sd, prompts, n_tokens=n_tokens)
+        samples = stage1.reconstruct(sd, None, cond, list(range(n_samples)), c_includes_bos=True,
+                                     config=SamplerConfig.text_to_image(50), progress=progress).images
+        s_sims = embed_images(samples) @ text[:n_samples].T
+        r_sims = sims[:n_samples, :n_samples]
+    return {"vae_psnr": psnr, "clip_top1": float((rank == 0).float().mean()),
+            "clip_top5": float((rank < 5).float().mean()), "n_heldout": n_heldout,
+            "sample_top1": float((s_sims.argmax(1) == torch.arange(n_samples)).float().mean()),
+            "real_top1": float((r_sims.argmax(1) == torch.arange(n_samples)).float().mean()),
+            "n_samples": n_samples, "samples": samples, "prompts": prompts}

@@ -94,3 +94,15 @@ def test_train_mini_writes_a_loadable_model_folder(tmp_path, monkeypatch):
     marker = models._read_marker(tmp_path / "trained")
     assert marker["trained"] is True and "train_mini" in marker["note"]
     assert (tmp_path / "trained.work" / "unet" / "state.json").is_file()
+    # Quality on held-out scenes: PSNR as scikit-image computes it; retrieval fractions in [0, 1].
+    from skimage.metrics import peak_signal_noise_ratio
+
+    q = train_mini.quality(tmp_path / "trained", n_heldout=8, n_samples=2, progress=False)
+    held = train_mini.scene_pool(8, seed=0, image_size=64, stream=1)
+    with torch.no_grad():
+        x = torch.from_numpy(held.images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = ((sd.vae.decode(sd.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2).numpy()
+    ref = np.mean([peak_signal_noise_ratio(((x[i] + 1) / 2).numpy(), rec[i], data_range=1.0) for i in range(8)])
+    assert q["vae_psnr"] == pytest.approx(ref, rel=1e-4)
+    assert 0 <= q["clip_top1"] <= q["clip_top5"] <= 1 and q["samples"].shape == (2, 64, 64, 3)
+    assert q["prompts"] == [c[0] for c in held.captions[:2]]
