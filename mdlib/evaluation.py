@@ -33,7 +33,6 @@ from mdlib.evalnets import METRICS_BY_NAME, EvalNetworks
 EIGHT_METRICS = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP", "EffNet-B", "SwAV")
 MINDDIFFUSER_METRICS = ("CLIP-cos", "SSIM", "PCC")
 ALL_METRICS = ("CLIP-cos", "PCC", *EIGHT_METRICS)
-LOWER_IS_BETTER = frozenset({"EffNet-B", "SwAV"})
 IDENTIFICATION = frozenset(m.name for m in METRICS_BY_NAME.values() if m.kind == "identification")
 VIEWS = {"eight": EIGHT_METRICS, "minddiffuser": MINDDIFFUSER_METRICS,
          "all": ("CLIP-cos", "SSIM", "PCC", *EIGHT_METRICS[2:])}

@@ -109,8 +109,10 @@ def scene_pool(n: int, seed: int, image_size: int, stream: int = 0, progress: bo
 
 
 def _unit(images: np.ndarray) -> torch.Tensor:
-    """uint8 (n, S, S, 3) -> float (n, 3, S, S) in [-1, 1] (the VAE's input range)."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """uint8 (n, S, S, 3) -> float (n, 3, S, S) in [-1, 1] (the VAE's input range, as vae_latents scales it)."""
+    from mdlib.features import to_unit_images
+
+    return to_unit_images(images) * 2.0 - 1.0
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
