@@ -65,6 +65,12 @@ def cmd_train_mini(args) -> int:
     record = train_mini(out, TrainMiniConfig(**overrides), progress=not args.quiet)
     print(json.dumps({k: record[k] for k in ("seconds", "final_loss", "vae_scaling_factor")}, indent=2))
     print(f"trained models written to {out}")
+    if args.ship:
+        from .train_mini import ship
+
+        numbers = ship(out, progress=not args.quiet)
+        print(json.dumps(numbers, indent=2))
+        print("installed as the shipped weights (mdlib/weights/tiny-trained); commit them to share them")
     return 0
 
 
@@ -109,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     for name in ("n_scenes", "vae_steps", "clip_steps", "unet_steps", "vae_batch", "clip_batch", "unet_batch"):
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    t.add_argument("--ship", action="store_true",
+                   help="then measure quality and install the result as mdlib's shipped weights (mdlib/weights)")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)
 

@@ -13,7 +13,10 @@ Each can come from three *sources*, read through the same code path:
 
 - ``"tiny"``: the same classes built from small configs with seeded random weights (:func:`build_tiny_models`),
   saved once under :func:`tiny_models_dir` in the diffusers folder layout, then loaded with
-  ``from_pretrained`` like the real ones. Offline, seconds on a CPU; the mini path and the tests use it.
+  ``from_pretrained`` like the real ones. Offline, seconds on a CPU; the tests use it.
+- ``"tiny-trained"``: the same tiny models trained on mini-NSD's scenes (:mod:`mdlib.train_mini`), shipped
+  in the package (:func:`trained_tiny_dir`, 23 MB of safetensors): the mini path's default, so that its
+  reconstructions resemble their stimuli.
 - a model id (``"CompVis/stable-diffusion-v1-4"``; ``"openai"`` for CLIP): the files named in
   ``data_manifest/models.yaml`` are taken from the Hugging Face cache (downloaded first when online). Offline
   and not cached, :class:`WeightsNotFoundError` says at once which command fetches them.
@@ -75,6 +78,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+#: The trained tiny models shipped inside the package (``mdlib train-mini``'s output; README, "The mini world"):
+#: source ``"tiny-trained"``, the mini path's default. ``mdlib_weights.json`` there lists every file's size and
+#: SHA-256, checked before loading.
+TRAINED_TINY = "tiny-trained"
+SHIPPED_TRAINED_DIR = Path(__file__).resolve().parent / "weights" / "tiny-trained"
+_WEIGHTS_LIST = "mdlib_weights.json"
 
 #: ``data_manifest/models.yaml`` beside the package (an editable install; see :func:`model_manifest`).
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / "data_manifest" / "models.yaml"
@@ -637,6 +647,64 @@ def tiny_models_dir(create: bool = True, seed: int = TINY_SEED, image_size: int 
     return folder
 
 
+def write_weights_list(folder: str | os.PathLike) -> Path:
+    """Record every file of a model folder (relative path -> bytes, SHA-256) in ``mdlib_weights.json``, which
+    :func:`verify_weights_list` checks. Used when the trained tiny models are committed."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != _WEIGHTS_LIST}
+    _write_json(folder / _WEIGHTS_LIST, {"files": files})
+    return folder / _WEIGHTS_LIST
+
+
+def verify_weights_list(folder: str | os.PathLike) -> Path:
+    """Check a folder against its ``mdlib_weights.json``: every file present, with its size and SHA-256.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the missing, truncated or altered file and how to restore it.
+    """
+    folder = Path(folder)
+    fix = ("restore it with `git checkout -- mdlib/weights` (a clone without those files: fetch them with "
+           "git), or retrain with `mdlib train-mini` and load the result by its folder")
+    try:
+        listed = json.loads((folder / _WEIGHTS_LIST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise FileNotFoundError(f"{folder / _WEIGHTS_LIST}: the list of the trained tiny models' files is "
+                                f"missing or unreadable ({err}); {fix}") from err
+    for name, want in listed.items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from the trained tiny models; {fix}")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise ValueError(f"{path}: {size} bytes, expected {want['bytes']} (truncated or replaced); {fix}")
+        if _sha256(path) != want["sha256"]:
+            raise ValueError(f"{path}: SHA-256 differs from {_WEIGHTS_LIST} (altered file); {fix}")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_VERIFIED: set[tuple[str, float]] = set()
+
+
+def trained_tiny_dir(folder: str | os.PathLike | None = None) -> Path:
+    """The trained tiny models shipped with mdlib (``mdlib/weights/tiny-trained``), verified against their
+    ``mdlib_weights.json`` (once per process and modification time). ``folder`` overrides the location."""
+    folder = Path(folder) if folder is not None else SHIPPED_TRAINED_DIR
+    key = (str(folder), (folder / _WEIGHTS_LIST).stat().st_mtime if (folder / _WEIGHTS_LIST).exists() else 0.0)
+    if key not in _VERIFIED:
+        verify_weights_list(folder)
+        _VERIFIED.add(key)
+    return folder
+
+
 # ----------------------------------------------------------------------------------------- Stable Diffusion
 
 @dataclass(repr=False)
@@ -720,9 +788,10 @@ def load_sd(source: str | os.PathLike = "tiny", device: str | torch.device | Non
     """Stable Diffusion's VAE, UNet, text encoder, tokenizer and DDIM scheduler (lesson 04).
 
     Args:
-        source: ``"tiny"`` (built under :func:`tiny_models_dir` on first use), a folder in the diffusers
-            layout, or a hub model id (``"CompVis/stable-diffusion-v1-4"``; its files per
-            ``data_manifest/models.yaml``, taken from the Hugging Face cache, downloaded first when online).
+        source: ``"tiny"`` (built under :func:`tiny_models_dir` on first use), ``"tiny-trained"`` (shipped,
+            :func:`trained_tiny_dir`), a folder in the diffusers layout, or a hub model id
+            (``"CompVis/stable-diffusion-v1-4"``; its files per ``data_manifest/models.yaml``, taken from the
+            Hugging Face cache, downloaded first when online).
         device: None: CUDA if available, else the CPU.
         dtype: None: float32 (stage 2 of the released code runs in fp32); ``torch.float16`` halves memory on
             CUDA.
@@ -747,6 +816,8 @@ def load_sd(source: str | os.PathLike = "tiny", device: str | torch.device | Non
     rev = None
     if label == "tiny":
         folder = tiny_models_dir()
+    elif label == TRAINED_TINY:
+        folder = trained_tiny_dir()
     elif Path(source).expanduser().is_dir():
         folder = Path(source).expanduser()
     elif _looks_like_path(label):
@@ -891,7 +962,8 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
     """The CLIP model of stage 2's structural features (lesson 05).
 
     Args:
-        source: ``"tiny"`` (the tiny CLIP under :func:`tiny_models_dir`), ``"openai"`` (ViT-B/32 with OpenAI's
+        source: ``"tiny"`` (the tiny CLIP under :func:`tiny_models_dir`), ``"tiny-trained"`` (the shipped
+            trained one, :func:`trained_tiny_dir`), ``"openai"`` (ViT-B/32 with OpenAI's
             weights: open_clip ``ViT-B-32-quickgelu`` / ``openai``, whose file is on the hub as
             ``timm/vit_base_patch32_clip_224.openai``), or a folder in open_clip's local-dir layout
             (``open_clip_config.json`` + weights; a tiny-model folder's ``clip/`` is found too).
@@ -910,6 +982,8 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
     label = str(source)
     if label == "tiny":
         model = open_clip.create_model(f"local-dir:{tiny_models_dir() / 'clip'}")
+    elif label == TRAINED_TINY:
+        model = open_clip.create_model(f"local-dir:{trained_tiny_dir() / 'clip'}")
     elif label == "openai":
         entry = _manifest_entry("clip_vision")
         weights = resolve_clip_weights("clip_vision", local_files_only, cache_dir)
@@ -920,7 +994,7 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
             folder = folder / "clip"
         if not (folder / "open_clip_config.json").is_file():
             raise FileNotFoundError(f"{folder}: expected an open_clip folder (open_clip_config.json + weights), "
-                                    f"or source='tiny' / 'openai'")
+                                    f"or source='tiny' / 'tiny-trained' / 'openai'")
         model = open_clip.create_model(f"local-dir:{folder}")
     return wrap_clip(model.to(device=device, dtype=dtype).eval().requires_grad_(False), normalization, label)
 
