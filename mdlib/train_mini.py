@@ -296,7 +296,7 @@ def caption_tokens(tokenizer, prompts: Sequence[str], n_tokens: int) -> torch.Te
 
 
 def diffusion_loss(unet, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                   alphas_cumprod: torch.Tensor, x0_weight_cap: float = 20.0) -> torch.Tensor:
+                   alphas_cumprod: torch.Tensor, x0_weight_cap: float = 1.0) -> torch.Tensor:
     """SD's training loss on a batch: noise ``x0`` (n, 4, h, w) to timesteps ``t`` (n,) with ``noise``,
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, and score the UNet's noise estimate (conditioned on
     ``cond``, (n, tokens, width)) by its mean squared error, each image's weighted by

@@ -46,6 +46,10 @@ def course_run(mini_root, tmp_path_factory):
     return out, summary
 
 
+#: Two-way identification that no chance result reaches: 50% + 2 standard errors of a mean over the ~40
+#: common test images (each image's score has sd <= 29 points when its features carry no information).
+STAGE1_IDENTIFICATION_FLOOR = 60.0
+
 #: Lesson 06 in CI: 4 images (2 of them optimised by lesson 05's smoke run, whose states it reads back), two
 #: subjects.
 LESSON_06_SMOKE = {"N_IMAGES": 4, "BATCH_SIZE": 2, "ITERATIONS": 6, "SUBJECTS": [SUBJECT, OTHER_SUBJECT]}
@@ -137,7 +141,7 @@ def test_lesson_03_decodes_each_feature_family_between_chance_and_the_noiseless_
     from mdlib.features import clip_feature_names
     from mdlib.models import load_clip_vision, load_sd
 
-    sd, clip = load_sd("tiny", device="cpu"), load_clip_vision("tiny", device="cpu")
+    sd, clip = load_sd("tiny-trained", device="cpu"), load_clip_vision("tiny-trained", device="cpu")
     expected = {"z": int(np.prod(sd.latent_shape)), "c": (15 - 1) * sd.text_width}
     expected.update({f"clip_{n}": clip.n_tokens * clip.width for n in clip_feature_names() if n != "embedding"})
     expected["clip_embedding"] = clip.embed_dim
@@ -150,7 +154,8 @@ def test_lesson_03_decodes_each_feature_family_between_chance_and_the_noiseless_
         assert med[family] <= ceiling[family] + 0.03, family
     # ... the structural CLIP features, driven by what early visual cortex encodes, decode well ...
     assert min(med[f"clip_block{b}"] for b in range(1, 7)) > 0.5
-    assert med["clip_embedding"] > 0.5
+    # ... the final CLIP embedding less well: the trained CLIP aligns it with the captions, i.e. semantics ...
+    assert med["clip_embedding"] > 0.3
     # ... the caption embedding less well but clearly above chance, which stays near zero.
     assert med["c"] > 0.1
     assert all(abs(v) < 0.1 for v in null.values())
@@ -211,7 +216,7 @@ def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run
         assert r["metrics"][name]["SSIM"] == pytest.approx(ss, abs=0.005), name
         assert -1 <= pc <= 1 and -1 <= ss <= 1
     # A saved image is the published sampler run on the decoded (z, c) with its nsdId's seed: remake two.
-    sd = models.load_sd("tiny", device="cpu")
+    sd = models.load_sd("tiny-trained", device="cpu")   # the mini path's models
     dec = decoding.decode_features(mini_root, SUBJECT, sd, families=["z", "c"], posterior="mean", progress=False)
     assert list(dec.nsd_ids) == r["nsd_ids"]
     k = [0, len(dec.nsd_ids) - 1]
@@ -355,6 +360,42 @@ def test_lesson_06_evaluates_the_ablation_and_the_subjects(lesson06_run, mini_ro
     assert comparison.loc["MindDiffuser, full", ["CLIP-cos", "SSIM", "PCC"]].tolist() == [.765, .354, .278]
     assert comparison.loc["fast", "source"].startswith("this run: mini")
     assert "PUBLISHED" in comparison.attrs["header"] and "RANDOM-WEIGHT" in comparison.attrs["header"]
+
+
+def test_lesson_06_shows_the_papers_ablation_on_the_trained_mini_world(lesson06_run, mini_root):
+    """Issue 7's claims, on the shipped trained tiny models: stage 1 from the decoded (z, c) identifies its
+    stimuli above chance (all common test images); dropping z loses pixel fidelity; stage 2 adds it."""
+    from pathlib import Path
+
+    from mdlib.nsd.stimuli import StimulusReader
+
+    out, summary = lesson06_run
+    r = summary["results"]["06_evaluation"]
+    common = sorted(_test_ids(mini_root, SUBJECT) & _test_ids(mini_root, OTHER_SUBJECT))
+    assert r["stage1_all_ids"] == common and len(common) >= 30
+    s1 = r["stage1_all"]
+    with StimulusReader(mini_root) as reader:
+        stim = reader.read(common)
+    for cond, values in s1.items():   # the recorded pixel metrics are those of lesson 04's saved images
+        pc, ss = _pixcorr_ssim_reference(_read_pngs(Path(r["stage1_all_dirs"][cond]), common), stim)
+        assert values["PixCorr"] == pytest.approx(pc, abs=0.005) and values["SSIM"] == pytest.approx(ss, abs=0.005)
+    # Above chance (50%) by more than two standard errors of a mean over len(common) images.
+    for m in ("AlexNet(2)", "AlexNet(5)"):
+        assert s1["without control"][m] > STAGE1_IDENTIFICATION_FLOOR, m
+        assert s1["true (z, c)"][m] > STAGE1_IDENTIFICATION_FLOOR, m
+    # Without z: text-to-image from the decoded c keeps no layout: SSIM falls, and identification drops to
+    # chance (the tiny UNet follows captions only weakly). PixCorr is near zero for both: the decoded z keeps
+    # the colours (hence identification) but too little of where the shapes are (README, "The mini world").
+    assert s1["without z"]["SSIM"] < s1["without control"]["SSIM"] - 0.02
+    assert s1["without z"]["AlexNet(2)"] < s1["without control"]["AlexNet(2)"] - 10
+    assert abs(s1["without z"]["AlexNet(2)"] - 50) < 10
+    # Stage 2 (published, the same images) brings the image closer to the stimulus in pixels.
+    ab = r["ablation"]
+    for m in ("PixCorr", "SSIM"):
+        assert ab["full"][m] > ab["without control"][m], m
+    # And the course summary carries these numbers.
+    flat = (out / "summary.csv").read_text()
+    assert "06_evaluation.stage1_all.without control.AlexNet(2)," in flat
 
 
 def test_course_writes_executed_notebooks_and_summary(lesson06_run):
