@@ -153,6 +153,11 @@ def save_checkpoint(folder: str | os.PathLike, modules: dict[str, torch.nn.Modul
     write_json_atomic(tmp / "state.json", {"step": int(step), "losses": [float(x) for x in losses],
                                             "param_groups": state["param_groups"], "scalars": scalars,
                                             **(extra or {})})
+    return _move_into_place(tmp, folder)
+
+
+def _move_into_place(tmp: Path, folder: Path) -> Path:
+    """Replace ``folder`` by the finished folder ``tmp`` (renames: a reader sees the old or the new, whole)."""
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)
@@ -387,9 +392,7 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
     models.save_tiny_components(tmp, parts, recipe,
                                 note="mdlib tiny models trained on mini-NSD's scenes (mdlib.train_mini)")
     write_json_atomic(tmp / "mdlib_trained.json", record)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    _move_into_place(tmp, out)
     return record
 
 
@@ -471,9 +474,5 @@ def ship(folder: str | os.PathLike, dest: str | os.PathLike | None = None, n_hel
     fig.savefig(tmp / "samples.png", dpi=80)
     plt.close(fig)
     models.write_weights_list(tmp)
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    _move_into_place(tmp, dest)
     return numbers
