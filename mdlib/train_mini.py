@@ -267,10 +267,10 @@ def train_clip(clip_model, pool: ScenePool, tokenizer: Callable, config: TrainMi
     wrapped = models.wrap_clip(clip_model)
     modules: dict[str, torch.nn.Module] = {"clip": clip_model}
     if text_encoder is not None:
-        torch.manual_seed(config.seed)
         modules["text_encoder"] = text_encoder
-        modules["text_head"] = torch.nn.Linear(text_encoder.config.hidden_size, clip_model.text_projection.shape[1],
-                                               bias=False)
+        with models._seeded(config.seed):   # the head's initial weights, without touching the global RNG
+            modules["text_head"] = torch.nn.Linear(text_encoder.config.hidden_size,
+                                                   clip_model.text_projection.shape[1], bias=False)
     opt = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=config.clip_lr,
                             weight_decay=0.1)
 
