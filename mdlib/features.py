@@ -352,7 +352,7 @@ def extract_targets(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.nd
                       "vae_scale": sd.vae_scale, "posterior": posterior,
                       "seed": int(seed) if posterior == "sample" else None, "resize": "PIL bicubic"}
             compute = _z_computer(root, sd, posterior, seed, batch_size)
-            data_files = [layout.stimuli()]
+            data_files = layout.stimuli_sources(root) or [layout.stimuli()]
         elif group == "c":
             params = {"model": sd.fingerprint("text_encoder"), "tokenizer": sd.fingerprint("tokenizer"),
                       "dtype": str(sd.dtype), "n_tokens": n_tokens}
@@ -362,7 +362,7 @@ def extract_targets(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.nd
             params = {"model": clip.fingerprint(), "dtype": str(clip.dtype), "input_size": clip.input_size,
                       "blocks": list(blocks), "normalization": normalization, "resize": CLIP_RESIZE_MODE}
             compute = _clip_computer(root, clip, blocks, normalization, batch_size)
-            data_files = [layout.stimuli()]
+            data_files = layout.stimuli_sources(root) or [layout.stimuli()]
         spec = {"cache_version": CACHE_VERSION, "group": group, "params": params, "n": int(ids.size),
                 "nsd_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(), "chunk_size": int(chunk_size),
                 "data": [_file_stamp(root, rel) for rel in data_files]}

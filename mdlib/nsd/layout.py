@@ -75,6 +75,38 @@ def stimuli() -> PurePosixPath:
     return _P("nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5")
 
 
+#: Where mdlib keeps per-subject stimulus files (mdlib's own folder: the bucket has no such files).
+SUBJECT_STIMULI_DIR = _P("nsddata_stimuli/stimuli/nsd/subsets")
+
+
+def subject_stimuli(subject: int) -> PurePosixPath:
+    """One subject's images only: ``nsddata_stimuli/stimuli/nsd/subsets/subjNN_stimuli.hdf5``.
+
+    Written by ``mdlib fetch`` (ranged reads of the bucket's brick), not part of the bucket: dataset
+    ``imgBrick`` (n, H, W, 3) uint8 with the subject's images (10,000 in NSD, about 5.4 GB instead of the
+    brick's 39.6 GB) and dataset ``nsd_ids`` (n,) int64, the 0-based nsdId of each row, ascending.
+    """
+    return SUBJECT_STIMULI_DIR / f"{subj(subject)}_stimuli.hdf5"
+
+
+def stimuli_sources(root: Path | str) -> list[PurePosixPath]:
+    """The stimulus files the loaders read under ``root``: the brick if it is there, else every per-subject
+    file there (:func:`subject_stimuli`, read as one set); ``[]`` if there is neither."""
+    root = Path(root)
+    if (root / str(stimuli())).is_file():
+        return [stimuli()]
+    return [subject_stimuli(s) for s in ALL_SUBJECTS if (root / str(subject_stimuli(s))).is_file()]
+
+
+def stimuli_in(root: Path | str, subject: int | None = None) -> PurePosixPath:
+    """The one stimulus file that holds ``subject``'s images under ``root``: the brick if present, else the
+    subject's own file if present (any subject's if ``subject`` is None), else the brick's path (absent)."""
+    sources = stimuli_sources(root)
+    if subject is not None and subject_stimuli(subject) in sources:
+        return subject_stimuli(subject)
+    return sources[0] if sources else stimuli()
+
+
 def betas_dir(subject: int, space: str = DEFAULT_SPACE, betas: str = DEFAULT_BETAS) -> PurePosixPath:
     return _P(f"nsddata_betas/ppdata/{subj(subject)}/{space}/{betas}")
 
@@ -119,10 +151,17 @@ def coco_captions(split: str) -> PurePosixPath:
 def how_to_get(rel: PurePosixPath | str) -> str:
     rel = str(rel)
     if rel.startswith("coco/"):
-        return ("download the COCO 2017 annotations (annotations_trainval2017.zip from the COCO website) and "
-                f"place {Path(rel).name} at <data root>/{rel}; or run `mdlib mini <data root>` for mini-NSD")
-    return (f"fetch it from s3://natural-scenes-dataset/{rel} (after accepting the NSD terms), e.g. "
-            f"`aws s3 cp --no-sign-request s3://natural-scenes-dataset/{rel} <data root>/{rel}`, "
+        return ("`mdlib fetch --data-root <data root>` extracts it from the COCO 2017 annotations zip; or download "
+                "annotations_trainval2017.zip from the COCO website and place "
+                f"{Path(rel).name} at <data root>/{rel}; or run `mdlib mini <data root>` for mini-NSD")
+    if rel == str(stimuli()) or rel.startswith(str(SUBJECT_STIMULI_DIR) + "/"):
+        return ("`mdlib fetch --subject N --data-root <data root>` writes one subject's images (about 5.4 GB) to "
+                f"<data root>/{subject_stimuli(1).parent}/subjNN_stimuli.hdf5, which the loaders read when the "
+                f"brick (<data root>/{stimuli()}, 39.6 GB) is absent; or write a synthetic mini-NSD with "
+                "`mdlib mini <data root>`")
+    return (f"`mdlib fetch --subject N --what minimal|full --data-root <data root>` fetches the lessons' files "
+            f"(after accepting the NSD terms); or fetch this one from s3://natural-scenes-dataset/{rel}, e.g. "
+            f"`aws s3 cp --no-sign-request s3://natural-scenes-dataset/{rel} <data root>/{rel}`; "
             "or write a synthetic mini-NSD with `mdlib mini <data root>`")
 
 

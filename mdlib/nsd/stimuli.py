@@ -4,7 +4,9 @@
   ``cocoSplit`` say where its captions are, ``cropBox`` how it was cropped from the COCO photo. (The ``.pkl``
   twin is a pickle: mdlib never unpickles data.)
 - ``nsd_stimuli.hdf5``: dataset ``imgBrick`` of shape (n_stimuli, H, W, 3) uint8 (73,000 x 425 x 425 x 3 in
-  NSD, 39.6 GB): row = 0-based nsdId. :class:`StimulusReader` reads any ids in any order, in bounded batches.
+  NSD, 39.6 GB): row = 0-based nsdId. :class:`StimulusReader` reads any ids in any order, in bounded batches,
+  from it or, when it is absent, from the per-subject files ``mdlib fetch`` writes (``nsd_ids`` gives each
+  row's nsdId; 10,000 images, 5.4 GB per subject).
 - COCO 2017 ``captions_{train,val}2017.json``: about five captions per image, found through ``cocoId``.
 
 nsdIds are 0-based everywhere in mdlib (the design file's 1-based ids are converted in ``design``).
@@ -131,11 +133,16 @@ def _coco_captions(data_root: str | os.PathLike, split: str) -> dict[int, list[s
 
 # -- images ----------------------------------------------------------------------------------------------
 class StimulusReader:
-    """Reads NSD images by nsdId from ``nsd_stimuli.hdf5`` (or another file with the same layout).
+    """Reads NSD images by nsdId from ``nsd_stimuli.hdf5``, per-subject files, or another file of that layout.
 
-    The file holds dataset ``imgBrick`` (n, H, W, 3) uint8. By default row r is nsdId r. A file made for a
+    A file holds dataset ``imgBrick`` (n, H, W, 3) uint8. By default row r is nsdId r. A file made for a
     subset of images (e.g. one subject's) may also hold a 1-d integer dataset ``nsd_ids`` of length n giving
     the nsdId of each row; then only those nsdIds can be read.
+
+    Under a data root the reader takes the brick (``nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5``) when it is
+    there; otherwise every per-subject file ``mdlib fetch`` wrote (``.../nsd/subsets/subjNN_stimuli.hdf5``,
+    :func:`mdlib.nsd.layout.subject_stimuli`), read as one set: an nsdId held by several (a shared image) is
+    read from the first subject's file.
 
     Use as a context manager (or call :meth:`close`)::
 
@@ -143,7 +150,7 @@ class StimulusReader:
             images = stimuli.read([2950, 17, 2950], size=256)   # (3, 256, 256, 3) uint8
 
     Args:
-        data_root: the NSD data root; ``nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5`` is read unless ``path``.
+        data_root: the NSD data root, read as above unless ``path`` is given.
         path: an explicit HDF5 file to read instead.
         batch_size: how many images are read from disk at once (bounds the memory used while reading).
     """
@@ -154,52 +161,80 @@ class StimulusReader:
     def __init__(self, data_root: str | os.PathLike | None, path: str | os.PathLike | None = None,
                  batch_size: int = 64) -> None:
         if path is None:
-            self.path = layout.require(data_root, layout.stimuli())
+            found = layout.stimuli_sources(data_root) if data_root is not None else []
+            paths = [Path(data_root) / str(rel) for rel in found] or [layout.require(data_root, layout.stimuli())]
         else:
-            self.path = Path(path)
-            if not self.path.is_file():
-                raise FileNotFoundError(f"stimulus file missing: {self.path}")
+            paths = [Path(path)]
+            if not paths[0].is_file():
+                raise FileNotFoundError(f"stimulus file missing: {paths[0]}")
+        self.paths = paths
+        self.path = paths[0]
         self.batch_size = int(batch_size)
-        self._file = self._open()
+        self._files: list[h5py.File] = []
         try:
-            self._images = self._image_dataset()
-            self._row_ids = self._read_row_ids()
+            self._datasets, row_ids = [], []
+            for p in paths:
+                self._files.append(self._open(p))
+                self._datasets.append(self._image_dataset(self._files[-1], p))
+                row_ids.append(self._read_row_ids(self._files[-1], self._datasets[-1], p))
+            self._file = self._files[0]
+            self._images = self._datasets[0]
+            self._index(row_ids)
         except Exception:
-            self._file.close()
+            self.close()
             raise
 
     # -- opening and checking --------------------------------------------------------------------------
-    def _open(self) -> h5py.File:
+    @staticmethod
+    def _open(path: Path) -> h5py.File:
         try:
-            return h5py.File(self.path, "r")
+            return h5py.File(path, "r")
         except OSError as err:
-            raise ValueError(f"{self.path}: cannot open this HDF5 file (truncated or corrupt? re-download "
+            raise ValueError(f"{path}: cannot open this HDF5 file (truncated or corrupt? re-download "
                              f"it): {err}") from err
 
-    def _image_dataset(self) -> h5py.Dataset:
-        ds = self._file.get(self.DATASET)
+    def _image_dataset(self, file: h5py.File, path: Path) -> h5py.Dataset:
+        ds = file.get(self.DATASET)
         if not isinstance(ds, h5py.Dataset) or ds.ndim != 4 or ds.shape[-1] != 3 or ds.dtype != np.uint8:
             found = f"shape {ds.shape}, {ds.dtype}" if isinstance(ds, h5py.Dataset) else "no such dataset"
-            raise ValueError(f"{self.path}: expected dataset '{self.DATASET}' of shape (n, H, W, 3) uint8; "
+            raise ValueError(f"{path}: expected dataset '{self.DATASET}' of shape (n, H, W, 3) uint8; "
                              f"found {found}")
+        if self._datasets and ds.shape[1:3] != self._datasets[0].shape[1:3]:
+            raise ValueError(f"{path}: images of {ds.shape[1:3]} pixels, but {self.paths[0]} holds "
+                             f"{self._datasets[0].shape[1:3]}; the stimulus files must agree")
         return ds
 
-    def _read_row_ids(self) -> np.ndarray | None:
+    def _read_row_ids(self, file: h5py.File, images: h5py.Dataset, path: Path) -> np.ndarray | None:
         """The nsdId of each row when the file says so (a subset file), else None (row = nsdId)."""
-        if self.IDS_DATASET not in self._file:
+        if self.IDS_DATASET not in file:
             return None
-        ids = np.asarray(self._file[self.IDS_DATASET][()]).ravel()
-        if not np.issubdtype(ids.dtype, np.integer) or ids.size != self._images.shape[0] or \
+        ids = np.asarray(file[self.IDS_DATASET][()]).ravel()
+        if not np.issubdtype(ids.dtype, np.integer) or ids.size != images.shape[0] or \
                 np.unique(ids).size != ids.size or (ids.size and ids.min() < 0):
-            raise ValueError(f"{self.path}: '{self.IDS_DATASET}' must hold {self._images.shape[0]} distinct "
+            raise ValueError(f"{path}: '{self.IDS_DATASET}' must hold {images.shape[0]} distinct "
                              f"non-negative integer nsdIds (one per row of '{self.DATASET}')")
         return ids.astype(np.int64)
 
-    # -- what the file holds ---------------------------------------------------------------------------
+    def _index(self, row_ids: list[np.ndarray | None]) -> None:
+        """Global rows: the files' rows one after the other (``_starts[k]`` = first global row of file k)."""
+        sizes = [int(ds.shape[0]) for ds in self._datasets]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if len(row_ids) == 1:
+            self._row_ids = row_ids[0]
+            return
+        self._row_ids = np.concatenate([np.arange(n) if ids is None else ids for n, ids in zip(sizes, row_ids)])
+
+    @property
+    def _where(self) -> str:
+        if len(self.paths) == 1:
+            return str(self.path)
+        return f"{len(self.paths)} files ({', '.join(map(str, self.paths))})"
+
+    # -- what the files hold ---------------------------------------------------------------------------
     @property
     def n_stimuli(self) -> int:
-        """Images in the file (73,000 for NSD's brick)."""
-        return int(self._images.shape[0])
+        """Images held (73,000 for NSD's brick; 10,000 for one subject's file; distinct ones for several)."""
+        return int(self._images.shape[0]) if len(self.paths) == 1 else int(np.unique(self._row_ids).size)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -208,8 +243,11 @@ class StimulusReader:
 
     @property
     def nsd_ids(self) -> np.ndarray:
-        """The 0-based nsdIds the file holds, in row order."""
-        return np.arange(self.n_stimuli) if self._row_ids is None else self._row_ids.copy()
+        """The 0-based nsdIds held, in row order (for several files: each once, where first found)."""
+        if self._row_ids is None:
+            return np.arange(self.n_stimuli)
+        _, first = np.unique(self._row_ids, return_index=True)
+        return self._row_ids[np.sort(first)].copy()
 
     # -- reading ---------------------------------------------------------------------------------------
     def read(self, nsd_ids: Sequence[int] | np.ndarray, size: int | None = None) -> np.ndarray:
@@ -237,7 +275,8 @@ class StimulusReader:
         return out
 
     def _rows(self, nsd_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Rows of the file holding ``nsd_ids``; IndexError for ids it does not hold."""
+        """Global rows holding ``nsd_ids`` (the first file's where several hold one); IndexError for ids
+        not held."""
         ids = np.asarray(nsd_ids).ravel()
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise TypeError(f"nsdIds must be integers (0-based), got dtype {ids.dtype}")
@@ -249,30 +288,38 @@ class StimulusReader:
                                  f"0..{self.n_stimuli - 1} (0-based)")
             return ids
         held = self._row_ids
-        order = np.argsort(held)
+        order = np.argsort(held, kind="stable")  # equal ids: the earliest row (first file) sorts first
         pos = np.searchsorted(held, ids, sorter=order).clip(max=max(held.size - 1, 0))
         rows = order[pos] if held.size else pos
         bad = ids[held[rows] != ids] if held.size else ids
         if bad.size:
             span = f"{held.min()}..{held.max()}" if held.size else "none"
-            raise IndexError(f"nsdId(s) {bad[:10].tolist()} not in {self.path}: it holds {held.size} nsdIds "
-                             f"(a subset, {span}), listed in its '{self.IDS_DATASET}' dataset")
+            raise IndexError(f"nsdId(s) {bad[:10].tolist()} not in {self._where}: it holds "
+                             f"{self.n_stimuli} nsdIds (a subset, {span}), listed in its '{self.IDS_DATASET}' "
+                             "dataset")
         return rows
 
     def _read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Rows (sorted, unique) of ``imgBrick``; a contiguous run is read as one slice."""
-        try:
-            if rows[-1] - rows[0] + 1 == rows.size:
-                return self._images[int(rows[0]):int(rows[-1]) + 1]
-            return self._images[rows]
-        except OSError as err:
-            raise ValueError(f"{self.path}: cannot read rows of '{self.DATASET}' (truncated or corrupt "
-                             f"file?): {err}") from err
+        """Global rows (sorted, unique), file by file; a contiguous run is read as one slice."""
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        parts = []
+        for k in np.unique(which):
+            local = rows[which == k] - self._starts[k]
+            try:
+                if local[-1] - local[0] + 1 == local.size:
+                    parts.append(self._datasets[k][int(local[0]):int(local[-1]) + 1])
+                else:
+                    parts.append(self._datasets[k][local])
+            except OSError as err:
+                raise ValueError(f"{self.paths[k]}: cannot read rows of '{self.DATASET}' (truncated or corrupt "
+                                 f"file?): {err}") from err
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # -- life cycle ------------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._file.id.valid:
-            self._file.close()
+        for file in self._files:
+            if file.id.valid:
+                file.close()
 
     def __enter__(self) -> StimulusReader:
         return self
@@ -281,7 +328,10 @@ class StimulusReader:
         self.close()
 
     def __repr__(self) -> str:
-        kind = "subset" if self._row_ids is not None else "row = nsdId"
+        if len(self.paths) > 1:
+            kind = f"union of {len(self.paths)} subset files"
+        else:
+            kind = "subset" if self._row_ids is not None else "row = nsdId"
         return f"StimulusReader({str(self.path)!r}, n_stimuli={self.n_stimuli}, image_size={self.image_size}, {kind})"
 
 
