@@ -3,6 +3,8 @@
     mdlib mini [DATA_ROOT]            write a synthetic mini-NSD in NSD's exact formats
     mdlib course [--preset mini|nsd]  run every lesson with papermill and summarise their numbers
     mdlib train-mini [OUT]            train the tiny models on mini-NSD's scenes (resumable)
+    mdlib fetch --subject 1 --what minimal|full [--models] [--dry-run]
+                                      the real NSD files (and models) the lessons need, resumable, verified
     mdlib info                        show where mdlib reads and writes
 """
 
@@ -74,6 +76,25 @@ def cmd_train_mini(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from .fetch import FetchError, fetch_model_weights, fetch_nsd
+
+    try:
+        if args.what != "none":
+            fetch_nsd(args.data_root, subjects=args.subject, what=args.what, endpoint_url=args.endpoint_url,
+                      bucket=args.bucket, last_session=args.last_session, stimuli=args.stimuli,
+                      coco=not args.no_coco, coco_source=args.coco_source, workers=args.workers,
+                      retries=args.retries, dry_run=args.dry_run, verify=args.verify, progress=not args.quiet)
+        if args.models:
+            fetch_model_weights(cache_dir=args.hf_cache, dry_run=args.dry_run)
+        elif args.what == "none":
+            print("nothing to fetch: --what none without --models")
+    except (FetchError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_info(args) -> int:
     print(f"mdlib {__version__}")
     print(f"home ({paths.ENV_VAR}): {paths.home()}")
@@ -119,6 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then measure quality and install the result as mdlib's shipped weights (mdlib/weights)")
     t.add_argument("-q", "--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)
+
+    f = sub.add_parser("fetch", help="fetch the real NSD files and models the lessons need (resumable, verified)",
+                       description="Fetch from s3://natural-scenes-dataset (anonymously; accept the NSD terms "
+                                   "first) the files data_manifest/nsd.yaml lists, each subject's images out of "
+                                   "the brick, and the COCO captions. Interrupted runs resume; a second run "
+                                   "transfers nothing.")
+    f.add_argument("--subject", type=int, nargs="+", default=[1], help="NSD subject(s), 1..8 (default: 1)")
+    f.add_argument("--what", choices=("minimal", "full", "none"), default="minimal",
+                   help="minimal: lessons 01-02 (betas of sessions 1-10); full: every lesson, every session; "
+                        "none: no NSD files (with --models)")
+    f.add_argument("--data-root", default=None, help="where to write (default: $MDLIB_DATA/nsd)")
+    f.add_argument("--endpoint-url", default=None, help="another S3 server holding the bucket (default: AWS)")
+    f.add_argument("--bucket", default=None, help="bucket name (default: the manifest's, natural-scenes-dataset)")
+    f.add_argument("--last-session", type=int, default=None, help="fetch the betas of sessions 1..N")
+    f.add_argument("--stimuli", choices=("subset", "brick", "none"), default="subset",
+                   help="subset: each subject's images only (5.4 GB each, default); brick: all 73,000 (39.6 GB)")
+    f.add_argument("--coco-source", default=None,
+                   help="the COCO 2017 annotations zip: URL, s3://bucket/key or local path (default: COCO's site)")
+    f.add_argument("--no-coco", action="store_true", help="do not fetch the COCO caption files")
+    f.add_argument("--models", action="store_true",
+                   help="also download the models of data_manifest/models.yaml into the Hugging Face cache")
+    f.add_argument("--hf-cache", default=None, help="Hugging Face cache for --models (default: HF_HUB_CACHE)")
+    f.add_argument("--workers", type=int, default=8, help="parallel transfers (default: 8)")
+    f.add_argument("--retries", type=int, default=3, help="retries after a dropped connection (default: 3)")
+    f.add_argument("--dry-run", action="store_true", help="list what would be fetched and its size; write nothing")
+    f.add_argument("--verify", action="store_true", help="re-hash present files instead of trusting the state")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_fetch)
 
     i = sub.add_parser("info", help="show mdlib's folders")
     i.set_defaults(func=cmd_info)

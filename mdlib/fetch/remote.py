@@ -1,0 +1,495 @@
+"""Remote sources and the local side of a verified, resumable, atomic download.
+
+- :class:`S3Store`: a bucket read anonymously (boto3 with botocore's UNSIGNED signature), as NSD's public
+  bucket allows; ``endpoint_url`` points it at another S3 server (the tests' moto server on 127.0.0.1).
+- :class:`HttpSource`: one file over HTTP(S) with ``Range`` requests (the COCO annotations zip).
+- :class:`RangedReader`: a read-only, seekable file object over either, issuing one ranged GET per large read
+  and caching small ones in blocks, so that h5py and zipfile can open a remote file and read only what they
+  need (the stimulus brick's metadata, the zip's directory and two members).
+- :class:`FetchState`: ``<data root>/mdlib_fetch_state.json``, what mdlib fetched and verified: per local
+  file its size, MD5, the source's ETag and the file's stat at that time. A later run that finds the same
+  stat skips the file without re-hashing it (gigabytes); a changed stat (an edited or replaced file) makes it
+  hash the file again and compare. ``--verify`` re-hashes everything.
+- :func:`download_file`: one object to ``<final>.part``, continued with ``Range: bytes=N-`` when a previous
+  run left a part, checked (size against HEAD and the manifest; MD5 against the ETag when the ETag is a plain
+  MD5, i.e. has no ``-``: multipart uploads' ETags are not MD5s, then size only), then moved into place with
+  ``os.replace``: a file is at its final path only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Suffix of a file being downloaded (``<final>.part``) next to its final path.
+PART_SUFFIX = ".part"
+#: The state file under the data root (see :class:`FetchState`).
+STATE_FILE = "mdlib_fetch_state.json"
+#: Bytes per read of a download stream (and per progress update).
+CHUNK = 1 << 20
+
+
+class FetchError(RuntimeError):
+    """A fetch failed; the message names the file or key, and what to do (usually: run it again to resume)."""
+
+
+class MissingKeyError(FetchError):
+    """Keys the manifest asks for are not in the bucket; ``keys`` lists them, the message names them."""
+
+    def __init__(self, bucket: str, keys: list[str], hint: str = "") -> None:
+        self.bucket, self.keys = bucket, list(keys)
+        shown = "\n".join(f"  s3://{bucket}/{k}" for k in self.keys[:20])
+        more = f"\n  ... and {len(self.keys) - 20} more" if len(self.keys) > 20 else ""
+        super().__init__(f"{len(self.keys)} key(s) not found in bucket {bucket!r}:\n{shown}{more}"
+                         + (f"\n{hint}" if hint else ""))
+
+
+class SourceChangedError(FetchError):
+    """The remote object changed between HEAD and GET (its ETag differs)."""
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors worth a retry (a dropped or stalled connection), as opposed to 'missing' or 'forbidden'."""
+    import urllib3.exceptions
+    from botocore.exceptions import BotoCoreError
+
+    return (BotoCoreError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
+            http.client.HTTPException, urllib.error.URLError)
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """An object as HEAD describes it: ``size`` in bytes, ``etag`` without its quotes."""
+
+    key: str
+    size: int
+    etag: str
+
+    @property
+    def md5(self) -> str | None:
+        """The object's MD5 (hex) when its ETag is one (single-part uploads), else None."""
+        return self.etag if re.fullmatch(r"[0-9a-f]{32}", self.etag) else None
+
+
+class _Counter:
+    """Requests and bytes received, shared by threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.heads = 0
+        self.bytes = 0
+
+    def add(self, requests: int = 0, nbytes: int = 0, heads: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.heads += heads
+
+
+def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", workers: int = 8):
+    """A boto3 S3 client that signs nothing (anonymous reads of a public bucket), with a connection pool
+    for ``workers`` threads, botocore's standard retries, and path-style addressing for a custom endpoint."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    config = Config(signature_version=UNSIGNED, max_pool_connections=max(10, workers + 2),
+                    retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=20, read_timeout=120,
+                    s3={"addressing_style": "path"} if endpoint_url else {})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, region_name=region,
+                                          config=config)
+
+
+class S3Store:
+    """One bucket, read anonymously. Counts GET requests and bytes received (``counter``).
+
+    Args:
+        bucket: the bucket name (NSD: ``natural-scenes-dataset``).
+        client: a boto3 S3 client to use (default: :func:`s3_client` with ``endpoint_url`` and ``region``).
+    """
+
+    def __init__(self, bucket: str, client: Any = None, endpoint_url: str | None = None,
+                 region: str = "us-east-2", workers: int = 8) -> None:
+        self.bucket = bucket
+        self.client = client if client is not None else s3_client(endpoint_url, region, workers)
+        self.counter = _Counter()
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def head(self, key: str) -> RemoteObject:
+        """Size and ETag of ``key``; :class:`MissingKeyError` if the bucket does not have it."""
+        from botocore.exceptions import ClientError
+
+        try:
+            meta = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound", "403", "AccessDenied", "Forbidden"):
+                raise MissingKeyError(self.bucket, [key]) from None
+            raise FetchError(f"{self.url(key)}: HEAD failed: {err}") from err
+        finally:
+            self.counter.add(heads=1)
+        return RemoteObject(key, int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"'))
+
+    def open_range(self, key: str, start: int, end: int | None = None, etag: str | None = None):
+        """A streaming body of bytes ``start`` .. ``end - 1`` (to the end if None) of ``key``, only if its
+        ETag is still ``etag`` (S3's If-Match; a changed object raises :class:`FetchError`)."""
+        from botocore.exceptions import ClientError
+
+        rng = f"bytes={int(start)}-" + ("" if end is None else str(int(end) - 1))
+        kwargs = {"Bucket": self.bucket, "Key": key, "Range": rng}
+        if etag:
+            kwargs["IfMatch"] = f'"{etag}"'
+        self.counter.add(requests=1)
+        try:
+            return self.client.get_object(**kwargs)["Body"]
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("412", "PreconditionFailed"):
+                raise SourceChangedError(f"{self.url(key)} changed while it was being fetched (its ETag is no "
+                                         f"longer {etag}); run the fetch again") from None
+            if code in ("404", "NoSuchKey", "403", "AccessDenied"):
+                raise MissingKeyError(self.bucket, [key]) from None
+            raise FetchError(f"{self.url(key)}: GET {rng} failed: {err}") from err
+
+    def read_range(self, key: str, start: int, end: int, etag: str | None = None) -> bytes:
+        """Bytes ``start`` .. ``end - 1`` of ``key``, exactly (a short answer raises ConnectionError)."""
+        if end <= start:
+            return b""
+        body = self.open_range(key, start, end, etag)
+        try:
+            data = body.read()
+        finally:
+            body.close()
+        self.counter.add(nbytes=len(data))
+        if len(data) != end - start:
+            raise ConnectionError(f"{self.url(key)}: asked for {end - start} bytes at {start}, got {len(data)}")
+        return data
+
+
+class HttpSource:
+    """One file over HTTP(S), read with ``Range`` requests (the server must answer 206 Partial Content)."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.counter = _Counter()
+        self._size: int | None = None
+
+    def size(self) -> int:
+        if self._size is None:
+            req = urllib.request.Request(self.url, method="HEAD")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    length = resp.headers.get("Content-Length")
+            except urllib.error.HTTPError as err:
+                raise FetchError(f"{self.url}: HTTP {err.code} {err.reason}") from None
+            except (urllib.error.URLError, OSError) as err:
+                raise FetchError(f"{self.url}: cannot reach it ({err}); check the network, or download the file "
+                                 "yourself and give its local path instead of the URL") from err
+            finally:
+                self.counter.add(heads=1)
+            if length is None:
+                raise FetchError(f"{self.url}: the server does not say the file's size (no Content-Length)")
+            self._size = int(length)
+        return self._size
+
+    def read_range(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        req = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end - 1}"})
+        self.counter.add(requests=1)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                if resp.status != 206:
+                    raise FetchError(f"{self.url}: the server ignores Range requests (HTTP {resp.status}); download "
+                                     "the file yourself and give its local path instead of the URL")
+                data = resp.read()
+        except urllib.error.HTTPError as err:
+            raise FetchError(f"{self.url}: HTTP {err.code} {err.reason} for bytes {start}-{end - 1}") from None
+        self.counter.add(nbytes=len(data))
+        if len(data) != end - start:
+            raise ConnectionError(f"{self.url}: asked for {end - start} bytes at {start}, got {len(data)}")
+        return data
+
+
+def retrying(call: Callable[[], Any], retries: int, what: str) -> Any:
+    """``call()``, retried up to ``retries`` times after transient errors (0.5 s, 1 s, 2 s, ... apart)."""
+    transient = _transient_errors()
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except transient as err:
+            if attempt == retries:
+                raise FetchError(f"{what}: failed after {retries + 1} attempt(s): {type(err).__name__}: {err}; "
+                                 "run the fetch again to resume") from err
+            time.sleep(min(0.5 * 2 ** attempt, 30.0))
+    raise AssertionError("unreachable")
+
+
+class RangedReader(io.RawIOBase):
+    """A read-only, seekable binary file over ``read_range(start, end) -> bytes`` of a ``size``-byte file.
+
+    Reads of at least ``block`` bytes are one request each; smaller ones (file metadata: HDF5 headers, a zip's
+    directory) are served from ``block``-aligned blocks kept in a small LRU cache, so that the many tiny reads
+    of a file's metadata cost few requests. Transient errors are retried (``retries``).
+    """
+
+    def __init__(self, read_range: Callable[[int, int], bytes], size: int, name: str = "",
+                 block: int = 1 << 16, cache_blocks: int = 64, retries: int = 3) -> None:
+        super().__init__()
+        self._read_range, self._size, self.name = read_range, int(size), name
+        self._block, self._cache_blocks, self._retries = int(block), int(cache_blocks), int(retries)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position in {self.name}")
+        self._pos = base + int(offset)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        if n == 0:
+            return 0
+        data = self._read(self._pos, n)
+        view[:n] = data
+        self._pos += n
+        return n
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        return retrying(lambda: self._read_range(start, end), self._retries, f"{self.name} bytes {start}-{end - 1}")
+
+    def _read(self, start: int, n: int) -> bytes:
+        if n >= self._block:
+            return self._fetch(start, start + n)
+        first, last = start // self._block, (start + n - 1) // self._block
+        parts = []
+        for b in range(first, last + 1):
+            if b not in self._cache:
+                lo = b * self._block
+                self._cache[b] = self._fetch(lo, min(lo + self._block, self._size))
+                while len(self._cache) > self._cache_blocks:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(b)
+            parts.append(self._cache[b])
+        joined = b"".join(parts)
+        offset = start - first * self._block
+        return joined[offset:offset + n]
+
+
+# -- local state -----------------------------------------------------------------------------------------
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)]
+
+
+def file_md5(path: Path, upto: int | None = None) -> Any:
+    """The MD5 object of ``path``'s first ``upto`` bytes (all if None), read in 8 MB blocks."""
+    md5 = hashlib.md5()
+    left = path.stat().st_size if upto is None else int(upto)
+    with open(path, "rb") as f:
+        while left > 0:
+            block = f.read(min(8 << 20, left))
+            if not block:
+                break
+            md5.update(block)
+            left -= len(block)
+    return md5
+
+
+class FetchState:
+    """``<data root>/mdlib_fetch_state.json``: per local file (relative path) what was fetched and verified.
+
+    ``files[rel]``: ``size``, ``md5`` (of the local file), ``etag`` (of the source), ``source`` (its URL),
+    ``stat`` ([size, mtime_ns, ctime_ns, inode] when recorded) and kind-specific fields. ``parts[rel]``: the
+    source ETag a ``.part`` file was started from (a part from another version of the source is discarded).
+    Thread-safe; every change is written at once (atomically), so a killed run keeps what it completed.
+    """
+
+    VERSION = 1
+
+    def __init__(self, root: Path, write: bool = True) -> None:
+        self.path = Path(root) / STATE_FILE
+        self.write = write
+        self._lock = threading.Lock()
+        self.data: dict[str, Any] = {"version": self.VERSION, "files": {}, "parts": {}}
+        if self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text())
+                if loaded.get("version") == self.VERSION:
+                    self.data.update({k: dict(loaded.get(k) or {}) for k in ("files", "parts")})
+            except (OSError, ValueError):
+                pass  # an unreadable state only costs re-hashing
+
+    def get(self, rel: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self.data["files"].get(str(rel))
+            return dict(entry) if entry else None
+
+    def unchanged(self, rel: str, path: Path) -> bool:
+        """True if ``path`` has exactly the stat recorded when it was verified."""
+        entry = self.get(rel)
+        return bool(entry) and path.is_file() and entry.get("stat") == _stat_key(path)
+
+    def record(self, rel: str, path: Path, **info: Any) -> None:
+        with self._lock:
+            self.data["files"][str(rel)] = {"size": path.stat().st_size, **info, "stat": _stat_key(path)}
+            self.data["parts"].pop(str(rel), None)
+            self._save()
+
+    def forget(self, rel: str) -> None:
+        with self._lock:
+            self.data["files"].pop(str(rel), None)
+            self._save()
+
+    def part_etag(self, rel: str) -> str | None:
+        with self._lock:
+            return self.data["parts"].get(str(rel))
+
+    def start_part(self, rel: str, etag: str) -> None:
+        with self._lock:
+            self.data["parts"][str(rel)] = etag
+            self._save()
+
+    def _save(self) -> None:
+        if not self.write:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+# -- one file --------------------------------------------------------------------------------------------
+
+def check_local(path: Path, rel: str, remote: RemoteObject, state: FetchState, verify: bool = False,
+                hash_files: bool = True, source: str = "") -> str:
+    """What the local copy of ``remote`` at ``path`` is: ``"ok"``, ``"absent"``, ``"wrong size"``,
+    ``"corrupt"`` (checksum mismatch), or (``hash_files=False``, for dry runs) ``"unverified"``.
+
+    Trusted without hashing when the state recorded this very file (same stat) from the same ETag, unless
+    ``verify``. Otherwise hashed and compared with the ETag's MD5, or with the MD5 recorded at download when
+    the ETag is not an MD5; with neither, the size alone decides.
+    """
+    if not path.is_file():
+        return "absent"
+    if path.stat().st_size != remote.size:
+        return "wrong size"
+    entry = state.get(rel)
+    same_source = bool(entry) and entry.get("etag") == remote.etag
+    if same_source and not verify and state.unchanged(rel, path):
+        return "ok"
+    if not hash_files:
+        return "unverified"
+    md5 = file_md5(path).hexdigest()
+    expected = remote.md5 or (entry.get("md5") if same_source else None)
+    if expected is not None and md5 != expected:
+        return "corrupt"
+    state.record(rel, path, etag=remote.etag, md5=md5, source=source)
+    return "ok"
+
+
+def download_file(store: S3Store, remote: RemoteObject, path: Path, rel: str, state: FetchState, *,
+                  expected_size: int | None = None, on_bytes: Callable[[int], None] | None = None,
+                  retries: int = 3, fresh: bool = False) -> int:
+    """Download ``remote`` to ``path`` through ``<path>.part``; returns the bytes received.
+
+    A part left by an earlier run from the same ETag is continued with a ranged GET from its length (``fresh``
+    discards it). Transient errors resume from where the part stopped, up to ``retries`` times; after that a
+    :class:`FetchError` leaves the part for the next run. The complete part must have the bucket's size
+    (and ``expected_size``, the manifest's, when known) and, when the ETag is an MD5, that MD5; a mismatch
+    discards it and downloads once more from the start, then raises.
+    """
+    part = path.with_name(path.name + PART_SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if part.exists() and (fresh or state.part_etag(rel) != remote.etag):
+        part.unlink()
+    if expected_size is not None and int(expected_size) != remote.size:
+        raise FetchError(f"{store.url(remote.key)} has {remote.size} bytes but the manifest (data_manifest/"
+                         f"nsd.yaml) expects {expected_size}: a different version of the file? Check the manifest")
+    transient = _transient_errors()
+    received, failures, restarts = 0, 0, 0
+    while True:
+        have = part.stat().st_size if part.exists() else 0
+        if have > remote.size:
+            part.unlink()
+            have = 0
+        if have == 0:
+            state.start_part(rel, remote.etag)
+        md5 = file_md5(part) if have else hashlib.md5()
+        try:
+            with open(part, "ab") as out:
+                if have < remote.size:
+                    body = store.open_range(remote.key, have, etag=remote.etag)
+                    try:
+                        while block := body.read(CHUNK):
+                            out.write(block)
+                            md5.update(block)
+                            received += len(block)
+                            store.counter.add(nbytes=len(block))
+                            if on_bytes is not None:
+                                on_bytes(len(block))
+                    finally:
+                        body.close()
+        except SourceChangedError:
+            part.unlink(missing_ok=True)
+            raise
+        except transient as err:
+            failures += 1
+            if failures > retries:
+                kept = part.stat().st_size if part.exists() else 0
+                raise FetchError(f"{store.url(remote.key)}: transfer failed ({type(err).__name__}: {err}); "
+                                 f"{kept} of {remote.size} bytes kept in {part}: run the fetch again to "
+                                 "resume") from err
+            time.sleep(min(0.5 * 2 ** (failures - 1), 30.0))
+            continue
+        size = part.stat().st_size
+        if size < remote.size:  # the stream ended early: resume
+            failures += 1
+            if failures > retries:
+                raise FetchError(f"{store.url(remote.key)}: the stream kept ending early ({size} of {remote.size} "
+                                 f"bytes in {part}); run the fetch again to resume")
+            continue
+        problem = None
+        if size != remote.size:
+            problem = f"{size} bytes where the bucket says {remote.size}"
+        elif remote.md5 is not None and md5.hexdigest() != remote.md5:
+            problem = f"MD5 {md5.hexdigest()} where the bucket's ETag says {remote.md5}"
+        if problem is None:
+            os.replace(part, path)
+            state.record(rel, path, etag=remote.etag, md5=md5.hexdigest(), source=store.url(remote.key))
+            return received
+        part.unlink()
+        restarts += 1
+        if restarts > 1:
+            raise FetchError(f"{store.url(remote.key)}: downloaded twice and both copies were wrong ({problem}); "
+                             "nothing was written to " + str(path))
