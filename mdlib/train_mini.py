@@ -65,6 +65,12 @@ class TrainMiniConfig:
             caption decides what is drawn; the weight lets those steps drive the learning.
         high_t_prob: probability that a timestep is drawn from the noisier half of the schedule (else uniform).
         n_tokens: caption tokens the UNet is conditioned on (the lessons' N_TOKENS, 15 as released).
+        unet_heads: attention heads of the trained UNet's attention layers (the tiny build's 8 heads are 4 wide
+            at 32 channels, which learned captions slowly and ran slowly on a CPU; 2 heads are 16 and 32 wide).
+        unet_pooled_text: also add the caption's attention-pooled embedding to the UNet's timestep embedding
+            (diffusers' ``addition_embed_type="text"``), as Imagen does: a global path for what the caption
+            says about the whole image (background, colours). SD v1-4 conditions by cross-attention only; the
+            cross-attention is still there and still what the lessons' c feeds.
         save_every: steps between checkpoints.
     """
 
@@ -79,13 +85,15 @@ class TrainMiniConfig:
     clip_steps: int = 800
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    unet_steps: int = 2200
+    unet_steps: int = 3300
     unet_batch: int = 32
     unet_lr: float = 1e-3
     uncond_prob: float = 0.1
     x0_weight_cap: float = 20.0
     high_t_prob: float = 0.0
     n_tokens: int = 15
+    unet_heads: int = 2
+    unet_pooled_text: bool = True
     save_every: int = 250
 
 
@@ -202,11 +210,15 @@ def _loop(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim
           loss_fn: Callable[[np.random.Generator], torch.Tensor], ckpt: Path, seed: int, save_every: int,
           progress: bool) -> list[float]:
     """The shared training loop: resumes from ``ckpt``, one seeded batch generator per step (so a resumed run
-    draws the same batches as an uninterrupted one), a tqdm bar, checkpoints every ``save_every`` steps."""
+    draws the same batches as an uninterrupted one), a tqdm bar, checkpoints every ``save_every`` steps (with
+    the stage's training seconds so far, summed over resumptions: :func:`stage_seconds`)."""
     from tqdm import tqdm
 
     info = load_checkpoint(ckpt, modules, optimizer)
     start, losses = (info["step"], info["losses"]) if info else (0, [])
+    # Training seconds add up across resumptions (saved with each checkpoint), so the record of a resumed
+    # run still says what the whole stage cost.
+    seconds, t_start = (float(info.get("seconds", 0.0)) if info else 0.0), time.perf_counter()
     # Resuming: the schedule continues at `start` (the restored param groups carry its initial_lr).
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps), last_epoch=start - 1)
     for m in modules.values():
@@ -225,11 +237,32 @@ def _loop(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_checkpoint(ckpt, modules, optimizer, step + 1, losses)
+            save_checkpoint(ckpt, modules, optimizer, step + 1, losses,
+                            {"seconds": seconds + time.perf_counter() - t_start})
     bar.close()
     for m in modules.values():
         m.eval()
     return losses
+
+
+def stage_seconds(ckpt: str | os.PathLike) -> float:
+    """The training seconds a stage's checkpoint records (summed over every run that resumed it; 0 if none)."""
+    path = Path(ckpt) / "state.json"
+    return float(json.loads(path.read_text()).get("seconds", 0.0)) if path.is_file() else 0.0
+
+
+def trained_unet_config(config: TrainMiniConfig) -> dict[str, Any]:
+    """The trained UNet's diffusers config: the tiny build's (:func:`mdlib.models.tiny_configs`) with the
+    recipe's attention heads and, if ``unet_pooled_text``, the pooled caption embedding added to the timestep
+    embedding (``addition_embed_type="text"``, pooled by ``unet_heads``-head attention)."""
+    cfg = dict(models.tiny_configs(config.image_size)["unet"])
+    widths = cfg["block_out_channels"] + [cfg["cross_attention_dim"]]
+    if config.unet_heads < 1 or any(w % config.unet_heads for w in widths):
+        raise ValueError(f"unet_heads must divide every attention width {widths}, got {config.unet_heads}")
+    cfg["attention_head_dim"] = int(config.unet_heads)   # diffusers' legacy name: it sets the number of heads
+    if config.unet_pooled_text:
+        cfg.update(addition_embed_type="text", addition_embed_type_num_heads=int(config.unet_heads))
+    return cfg
 
 
 def train_vae(vae, pool: ScenePool, config: TrainMiniConfig, ckpt: Path, progress: bool = True) -> list[float]:
@@ -354,6 +387,7 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
+    before = {stage: stage_seconds(work / stage) for stage in STAGES}   # trained in earlier runs
     pool = scene_pool(config.n_scenes, config.seed, config.image_size, stream=0, progress=progress)
     parts = models.make_tiny_components(seed=config.seed, image_size=config.image_size)
     tiny = models.tiny_models_dir()   # the tokenizer files (CLIP's BPE) of the tiny build
@@ -361,29 +395,35 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
 
     sd_tokenizer = CLIPTokenizer.from_pretrained(tiny / "tokenizer", model_max_length=77, local_files_only=True)
     clip_tokenizer = get_tokenizer("ViT-B-32")   # open_clip's CLIP BPE tokenizer, 77 tokens
+    from diffusers import UNet2DConditionModel
+
+    with models._seeded(config.seed):   # the recipe's UNet architecture, seeded like the tiny build's
+        parts["unet"] = UNet2DConditionModel.from_config(trained_unet_config(config))
     for m in (parts["vae"], parts["unet"], parts["text_encoder"], parts["clip"]):
         m.requires_grad_(True)
     record: dict[str, Any] = {"config": asdict(config), "seconds": {}, "final_loss": {}}
 
-    t = time.perf_counter()
     losses = train_vae(parts["vae"], pool, config, work / "vae", progress)
-    record["seconds"]["vae"], record["final_loss"]["vae"] = time.perf_counter() - t, float(np.mean(losses[-100:]))
+    record["final_loss"]["vae"] = float(np.mean(losses[-100:]))
     parts["vae"].requires_grad_(False)
     means, stds = latent_stats(parts["vae"], pool)
     scale = float(1.0 / means.std())
     parts["vae"].register_to_config(scaling_factor=scale)
     record["vae_scaling_factor"] = scale
 
-    t = time.perf_counter()
     losses = train_clip(parts["clip"], pool, clip_tokenizer, config, work / "clip", parts["text_encoder"],
                         sd_tokenizer, progress)
-    record["seconds"]["clip"], record["final_loss"]["clip"] = time.perf_counter() - t, float(np.mean(losses[-100:]))
+    record["final_loss"]["clip"] = float(np.mean(losses[-100:]))
 
-    t = time.perf_counter()
     losses = train_unet(parts["unet"], parts["text_encoder"], sd_tokenizer, parts["scheduler"], means, stds, scale,
                         pool, config, work / "unet", progress)
-    record["seconds"]["unet"], record["final_loss"]["unet"] = time.perf_counter() - t, float(np.mean(losses[-100:]))
-    record["seconds"]["total"] = time.perf_counter() - t0
+    record["final_loss"]["unet"] = float(np.mean(losses[-100:]))
+    # Each stage's training seconds (over every run that resumed it), and this run's other work (rendering the
+    # scenes, the latent statistics); their sum is what the recipe costs from scratch.
+    record["seconds"] = {stage: stage_seconds(work / stage) for stage in STAGES}
+    record["seconds"]["other"] = time.perf_counter() - t0 - sum(
+        stage_seconds(work / stage) - before[stage] for stage in STAGES)
+    record["seconds"]["total"] = sum(record["seconds"].values())
     for m in (parts["vae"], parts["unet"], parts["text_encoder"], parts["clip"]):
         m.eval().requires_grad_(False)
     tmp = out.with_name(out.name + ".tmp")

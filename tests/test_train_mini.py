@@ -68,9 +68,13 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(pool, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train_mini.train_vae(interrupted, pool, cfg, tmp_path / "b", progress=False)
     monkeypatch.setattr(train_mini, "save_checkpoint", real_save)
+    first_run = train_mini.stage_seconds(tmp_path / "b")
     resumed = _vae()
     losses = train_mini.train_vae(resumed, pool, cfg, tmp_path / "b", progress=False)
     assert calls == [1] and len(losses) == 4
+    # The stage's training seconds add up over the two runs (the record of a resumed run keeps the first's).
+    assert 0 < first_run < train_mini.stage_seconds(tmp_path / "b")
+    assert train_mini.stage_seconds(tmp_path / "none") == 0.0
     for (k, v), w in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(v, w, msg=k)
 
@@ -87,7 +91,14 @@ def test_train_mini_writes_a_loadable_model_folder(tmp_path, monkeypatch):
                                      unet_steps=2, unet_batch=4, save_every=1)
     record = train_mini.train_mini(tmp_path / "trained", cfg, progress=False)
     assert set(record["final_loss"]) == {"vae", "clip", "unet"}
+    seconds = record["seconds"]
+    assert set(seconds) == {"vae", "clip", "unet", "other", "total"} and min(seconds.values()) > 0
+    assert seconds["total"] == pytest.approx(sum(v for k, v in seconds.items() if k != "total"))
+    assert seconds["unet"] == train_mini.stage_seconds(tmp_path / "trained.work" / "unet")
     sd = models.load_sd(tmp_path / "trained", device="cpu")
+    # The recipe's UNet: 2 attention heads and the pooled caption embedding added to the timestep embedding.
+    assert sd.unet.config.attention_head_dim == cfg.unet_heads == 2
+    assert sd.unet.config.addition_embed_type == "text" and sd.unet.add_embedding is not None
     assert sd.vae_scale == pytest.approx(record["vae_scaling_factor"]) and sd.image_size == 64
     clip = models.load_clip_vision(tmp_path / "trained", device="cpu")
     assert clip.n_tokens == 50
@@ -106,6 +117,16 @@ def test_train_mini_writes_a_loadable_model_folder(tmp_path, monkeypatch):
     assert q["vae_psnr"] == pytest.approx(ref, rel=1e-4)
     assert 0 <= q["clip_top1"] <= q["clip_top5"] <= 1 and q["samples"].shape == (2, 64, 64, 3)
     assert q["prompts"] == [c[0] for c in held.captions[:2]]
+
+
+def test_the_trained_unet_config_changes_only_the_heads_and_the_pooled_text_path():
+    tiny = models.tiny_configs()["unet"]
+    cfg = train_mini.trained_unet_config(train_mini.TrainMiniConfig(unet_heads=4, unet_pooled_text=False))
+    assert {k for k in cfg if cfg[k] != tiny.get(k)} == {"attention_head_dim"} and cfg["attention_head_dim"] == 4
+    pooled = train_mini.trained_unet_config(train_mini.TrainMiniConfig())
+    assert pooled["addition_embed_type"] == "text" and pooled["addition_embed_type_num_heads"] == 2
+    with pytest.raises(ValueError, match="unet_heads must divide"):
+        train_mini.trained_unet_config(train_mini.TrainMiniConfig(unet_heads=3))
 
 
 def test_the_diffusion_loss_is_sds_noise_mse_weighted_by_clamped_inverse_snr():
