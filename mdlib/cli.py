@@ -89,9 +89,13 @@ def cmd_fetch(args) -> int:
             fetch_model_weights(cache_dir=args.hf_cache, dry_run=args.dry_run)
         elif args.what == "none":
             print("nothing to fetch: --what none without --models")
-    except (FetchError, FileNotFoundError, ValueError) as err:
+    except (FetchError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the complete files are in place, partial ones kept; run the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -320,6 +320,56 @@ def test_a_fetch_killed_mid_file_resumes_with_the_remainder(server, mini_root, t
     assert {g["key"] for g in client.gets} == {key}
 
 
+def test_ctrl_c_stops_the_downloads_and_keeps_their_parts(server, mini_root, tmp_path, monkeypatch):
+    """SIGINT during a transfer: the running downloads stop at their next block and keep their parts."""
+    import signal
+    import threading
+    import time
+
+    root = tmp_path / "nsd"
+    key = str(layout.betas_file(SUBJECT, 1, "hdf5"))
+    size = (mini_root / key).stat().st_size
+    monkeypatch.setattr(fetch.remote, "CHUNK", 64 << 10)
+    got_sigint = threading.Event()
+
+    def on_sigint(signum, frame):
+        got_sigint.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+
+    class Interrupting(RecordingClient):
+        def get_object(self, **kw):
+            resp = super().get_object(**kw)
+            if kw["Key"] == key:
+                body = resp["Body"]
+                first = body.read
+
+                def read(n=None):
+                    data = first(n)
+                    if not got_sigint.is_set():
+                        os.kill(os.getpid(), signal.SIGINT)
+                        got_sigint.wait(10)
+                        time.sleep(0.3)  # the main thread tells the downloads to stop
+                    return data
+                body.read = read
+            return resp
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_fetch(server, root, client=Interrupting(server), what="minimal", last_session=1, stimuli="none",
+                      coco=False, workers=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    part = root / (key + ".part")
+    cut = part.stat().st_size
+    assert 0 < cut < size and not (root / key).exists()
+    _, client, _ = run_fetch(server, root, what="minimal", last_session=1, stimuli="none", coco=False)
+    assert [g["range"] for g in client.gets if g["key"] == key] == [f"bytes={cut}-"]
+    assert client.received(key) == size - cut
+    assert (root / key).read_bytes() == (mini_root / key).read_bytes()
+
+
 def test_a_dropped_connection_is_resumed_within_the_run(server, mini_root, tmp_path):
     root = tmp_path / "nsd"
     key = str(layout.betas_file(SUBJECT, 1, "hdf5"))

@@ -321,19 +321,32 @@ def _download_all(store: S3Store, items: list[Item], remotes: dict[str, RemoteOb
     entries = {e["path"]: e for e in report.entries}
     bar = _Bar(sum(entries[i.key]["to_transfer"] for i in todo), "NSD files", "B", progress)
 
+    stop = threading.Event()  # set on Ctrl-C: the running downloads stop at their next MB, parts kept
+
+    def on_bytes(n: int) -> None:
+        if stop.is_set():
+            raise FetchError("interrupted: run the fetch again to resume")
+        bar.update(n)
+
     def one(item: Item) -> None:
         status = statuses[item.key]
         download_file(store, remotes[item.key], root / item.key, item.key, state, expected_size=item.size,
-                      on_bytes=bar.update, retries=retries, fresh=status.startswith("replace"))
+                      on_bytes=on_bytes, retries=retries, fresh=status.startswith("replace"))
         entries[item.key]["status"] = "replaced" if status.startswith("replace") else "downloaded"
 
     failures = []
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for item, future in [(i, pool.submit(one, i)) for i in todo]:
-                err = future.exception()
-                if err is not None:
-                    failures.append((item.key, err))
+            futures = [(i, pool.submit(one, i)) for i in todo]
+            try:
+                for item, future in futures:
+                    err = future.exception()
+                    if err is not None:
+                        failures.append((item.key, err))
+            except KeyboardInterrupt:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     finally:
         bar.close()
     if failures:
