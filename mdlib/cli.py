@@ -76,6 +76,16 @@ def cmd_train_mini(args) -> int:
     return 0
 
 
+def _rate(text: str) -> int:
+    """``--max-rate``'s value: bytes per second (``500k``, ``20M``)."""
+    from .fetch.remote import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def cmd_fetch(args) -> int:
     from .fetch import FetchError, fetch_model_weights, fetch_nsd
 
@@ -84,7 +94,8 @@ def cmd_fetch(args) -> int:
             fetch_nsd(args.data_root, subjects=args.subject, what=args.what, endpoint_url=args.endpoint_url,
                       bucket=args.bucket, last_session=args.last_session, stimuli=args.stimuli,
                       coco=not args.no_coco, coco_source=args.coco_source, workers=args.workers,
-                      retries=args.retries, dry_run=args.dry_run, verify=args.verify, progress=not args.quiet)
+                      retries=args.retries, dry_run=args.dry_run, verify=args.verify, progress=not args.quiet,
+                      max_rate=args.max_rate)
         if args.models:
             fetch_model_weights(cache_dir=args.hf_cache, dry_run=args.dry_run)
         elif args.what == "none":
@@ -168,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--hf-cache", default=None, help="Hugging Face cache for --models (default: HF_HUB_CACHE)")
     f.add_argument("--workers", type=int, default=8, help="parallel transfers (default: 8)")
     f.add_argument("--retries", type=int, default=3, help="retries after a dropped connection (default: 3)")
+    f.add_argument("--max-rate", type=_rate, default=None, metavar="BYTES_PER_S",
+                   help="cap the download rate, all transfers together, e.g. 500k or 20M (SI units, bytes per "
+                        "second; as curl's --limit-rate): for a link shared with others (default: no cap)")
     f.add_argument("--dry-run", action="store_true", help="list what would be fetched and its size; write nothing")
     f.add_argument("--verify", action="store_true", help="re-hash present files instead of trusting the state")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -298,7 +298,7 @@ def test_dry_run_on_a_complete_root_has_nothing_to_transfer(fetched, server):
 
 # -- interruptions, corruption, missing keys ---------------------------------------------------------------------
 
-def test_a_fetch_killed_mid_file_resumes_with_the_remainder(server, mini_root, tmp_path):
+def test_a_fetch_that_failed_mid_file_resumes_with_the_remainder(server, mini_root, tmp_path):
     root = tmp_path / "nsd"
     key = str(layout.betas_file(SUBJECT, 1, "hdf5"))
     size = (mini_root / key).stat().st_size
@@ -318,6 +318,86 @@ def test_a_fetch_killed_mid_file_resumes_with_the_remainder(server, mini_root, t
     assert key in report.downloaded
     # the other files were complete after the first run: not transferred again
     assert {g["key"] for g in client.gets} == {key}
+
+
+def test_a_fetch_killed_mid_file_by_sigkill_resumes_with_the_remainder(server, mini_root, tmp_path):
+    """`mdlib fetch` in its own process, capped by --max-rate so that the kill lands mid-file, killed with
+    SIGKILL (no handler runs) while the session's betas are partly in their .part; the rerun transfers the
+    rest of each interrupted file and the files not yet begun, nothing else."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "nsd"
+    key = str(layout.betas_file(SUBJECT, 1, "hdf5"))
+    part = root / (key + ".part")
+    rate, workers = 100_000, 2
+    small = dict(what="minimal", last_session=1, stimuli="none", coco=False)
+    cmd = [sys.executable, "-m", "mdlib.cli", "fetch", "--subject", str(SUBJECT), "--what", "minimal",
+           "--last-session", "1", "--stimuli", "none", "--no-coco", "--data-root", str(root), "--endpoint-url",
+           server, "--workers", str(workers), "--max-rate", f"{rate // 1000}k", "-q"]
+    log = tmp_path / "fetch.log"
+    t0 = time.monotonic()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (part.is_file() and part.stat().st_size > 0):
+            assert proc.poll() is None, f"the fetch ended before {key} was begun:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no bytes of {key} after 60 s:\n{log.read_text()}"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    elapsed = time.monotonic() - t0
+    cut = part.stat().st_size
+    size = (mini_root / key).stat().st_size
+    assert 0 < cut < size and not (root / key).exists()  # killed mid-file; nothing at the final path
+    planned = sorted(i.key for i in fetch.load_manifest().files_for(
+        [SUBJECT], "minimal", {SUBJECT: load_design(mini_root).completed_sessions(SUBJECT)}, 1))
+    done = [k for k in planned if (root / k).is_file()]
+    parts = {k: (root / (k + ".part")).stat().st_size for k in planned if (root / (k + ".part")).is_file()}
+    for k in done:  # what is at a final path is complete
+        assert (root / k).read_bytes() == (mini_root / k).read_bytes(), k
+    # the cap held: what arrived before the kill fits the rate (plus one read, a tenth of a second's, each)
+    assert sum((root / k).stat().st_size for k in done) + sum(parts.values()) <= rate * elapsed + workers * rate / 10
+
+    todo = [k for k in planned if k not in done]
+    remainder = sum((mini_root / k).stat().st_size - parts.get(k, 0) for k in todo)
+    report, client, lines = run_fetch(server, root, **small)
+    assert report.bytes_received == client.received() == remainder
+    assert f"{fetch.human(remainder)} received" in lines[-1]
+    assert [g["range"] for g in client.gets if g["key"] == key] == [f"bytes={cut}-"]
+    assert sorted({g["key"] for g in client.gets}) == sorted(report.downloaded) == todo
+    assert sorted(report.skipped) == sorted(done)
+    for k in planned:
+        assert (root / k).read_bytes() == (mini_root / k).read_bytes(), k
+    assert not list(root.rglob("*.part"))
+    assert json.loads((root / fetch.STATE_FILE).read_text())["parts"] == {}
+
+
+def test_max_rate_paces_ranged_reads_from_the_bucket_and_over_http(server, mini_root):
+    """The cap holds for the brick's ranged reads (the subject file) and the COCO zip's (HTTP) too, and one
+    RateLimit is shared: 60 kB at 200 kB/s take at least 0.25 s (the first 20 kB read is not waited for)."""
+    import time
+
+    from mdlib.fetch.remote import HttpSource, RateLimit
+
+    limit = RateLimit(200_000)
+    assert limit.block == 20_000
+    store = fetch.S3Store(BUCKET, client=RecordingClient(server), limit=limit)
+    http = HttpSource(f"{server}/{BUCKET}/{COCO_KEY}", limit=limit)
+    brick = str(layout.stimuli())
+    t0 = time.monotonic()
+    data = store.read_range(brick, 100, 40_100)
+    zipped = http.read_range(0, 20_000)
+    assert time.monotonic() - t0 >= 0.25
+    assert data == (mini_root / brick).read_bytes()[100:40_100] and store.counter.bytes == 40_000
+    assert zipped[:4] == b"PK\x03\x04" and http.counter.bytes == 20_000
 
 
 def test_ctrl_c_stops_the_downloads_and_keeps_their_parts(server, mini_root, tmp_path, monkeypatch):

@@ -56,14 +56,16 @@ def local_status(root: Path, members: list[dict[str, Any]], state: FetchState, s
 
 def open_zip(source: str, store: S3Store | None = None, retries: int = 3) -> tuple[zipfile.ZipFile, Any, Any]:
     """The zip at ``source`` (http(s) URL, ``s3://bucket/key`` or local path), the file object under it (to
-    close after the zip), and the object counting its requests (None for a local file)."""
+    close after the zip), and the object counting its requests (None for a local file). Remote reads are
+    paced by ``store``'s rate limit, if any."""
+    limit = store.limit if store is not None else None
     if source.startswith(("http://", "https://")):
-        http = HttpSource(source)
+        http = HttpSource(source, limit=limit)
         reader = RangedReader(http.read_range, http.size(), name=source, retries=retries)
         counter = http.counter
     elif source.startswith("s3://"):
         bucket, _, key = source[5:].partition("/")
-        s3 = S3Store(bucket, client=store.client) if store is not None else S3Store(bucket)
+        s3 = S3Store(bucket, client=store.client, limit=limit) if store is not None else S3Store(bucket)
         remote = s3.head(key)
         reader = RangedReader(lambda a, b: s3.read_range(key, a, b, remote.etag), remote.size, name=source,
                               retries=retries)

@@ -2,6 +2,7 @@
 
 - :class:`S3Store`: a bucket read anonymously (boto3 with botocore's UNSIGNED signature), as NSD's public
   bucket allows; ``endpoint_url`` points it at another S3 server (the tests' moto server on 127.0.0.1).
+- :class:`RateLimit`: a cap on the bytes per second received by every transfer that shares it (``--max-rate``).
 - :class:`HttpSource`: one file over HTTP(S) with ``Range`` requests (the COCO annotations zip).
 - :class:`RangedReader`: a read-only, seekable file object over either, issuing one ranged GET per large read
   and caching small ones in blocks, so that h5py and zipfile can open a remote file and read only what they
@@ -84,6 +85,45 @@ class RemoteObject:
         return self.etag if re.fullmatch(r"[0-9a-f]{32}", self.etag) else None
 
 
+class RateLimit:
+    """At most ``rate`` bytes per second, over all the transfers (threads) that share it.
+
+    A transfer reads its stream in :attr:`block`-byte reads (a tenth of a second's worth) and calls
+    :meth:`take` after each: the caller sleeps until the bytes received so far fit the rate. Like curl's
+    ``--limit-rate`` and the AWS CLI's ``max_bandwidth``, for a link shared with others.
+    """
+
+    def __init__(self, rate: float) -> None:
+        if not rate > 0:
+            raise ValueError(f"a rate must be a positive number of bytes per second, got {rate!r}")
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._due = 0.0  # the monotonic time by which the bytes taken so far are paid for
+
+    @property
+    def block(self) -> int:
+        """Bytes per read: a tenth of a second's worth, between 1 kB and :data:`CHUNK`."""
+        return int(min(CHUNK, max(1024, self.rate // 10)))
+
+    def take(self, n: int) -> None:
+        """Account for ``n`` bytes just received; sleep until they fit the rate."""
+        with self._lock:
+            now = time.monotonic()
+            self._due = max(self._due, now) + n / self.rate
+            wait = self._due - now
+        if wait > 0:
+            time.sleep(wait)
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second from ``"250000"``, ``"500k"``, ``"2.5M"``, ``"1G"`` (SI, as the fetch's summary)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmg]?)b?(?:/s)?\s*", str(text), flags=re.IGNORECASE)
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()] if m else 0.0
+    if value < 1:
+        raise ValueError(f"not a rate in bytes per second: {text!r} (e.g. 500000, 500k, 2M)")
+    return int(value)
+
+
 class _Counter:
     """Requests and bytes received, shared by threads."""
 
@@ -98,6 +138,16 @@ class _Counter:
             self.requests += requests
             self.bytes += nbytes
             self.heads += heads
+
+
+def _blocks(body: Any, counter: _Counter, limit: RateLimit | None) -> Any:
+    """The blocks of a response body as they arrive, counted in ``counter`` and paced by ``limit``."""
+    size = CHUNK if limit is None else limit.block
+    while block := body.read(size):
+        counter.add(nbytes=len(block))
+        if limit is not None:
+            limit.take(len(block))
+        yield block
 
 
 def s3_client(endpoint_url: str | None = None, region: str = "us-east-2", workers: int = 8):
@@ -120,13 +170,19 @@ class S3Store:
     Args:
         bucket: the bucket name (NSD: ``natural-scenes-dataset``).
         client: a boto3 S3 client to use (default: :func:`s3_client` with ``endpoint_url`` and ``region``).
+        limit: a :class:`RateLimit` every GET's bytes are paced by (None: as fast as the link goes).
     """
 
     def __init__(self, bucket: str, client: Any = None, endpoint_url: str | None = None,
-                 region: str = "us-east-2", workers: int = 8) -> None:
+                 region: str = "us-east-2", workers: int = 8, limit: RateLimit | None = None) -> None:
         self.bucket = bucket
         self.client = client if client is not None else s3_client(endpoint_url, region, workers)
         self.counter = _Counter()
+        self.limit = limit
+
+    def blocks(self, body: Any) -> Any:
+        """The blocks of a GET's body (from :meth:`open_range`) as they arrive, counted and paced."""
+        return _blocks(body, self.counter, self.limit)
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -173,10 +229,9 @@ class S3Store:
             return b""
         body = self.open_range(key, start, end, etag)
         try:
-            data = body.read()
+            data = b"".join(self.blocks(body))
         finally:
             body.close()
-        self.counter.add(nbytes=len(data))
         if len(data) != end - start:
             raise ConnectionError(f"{self.url(key)}: asked for {end - start} bytes at {start}, got {len(data)}")
         return data
@@ -185,10 +240,11 @@ class S3Store:
 class HttpSource:
     """One file over HTTP(S), read with ``Range`` requests (the server must answer 206 Partial Content)."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, limit: RateLimit | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.counter = _Counter()
+        self.limit = limit
         self._size: int | None = None
 
     def size(self) -> int:
@@ -219,10 +275,9 @@ class HttpSource:
                 if resp.status != 206:
                     raise FetchError(f"{self.url}: the server ignores Range requests (HTTP {resp.status}); download "
                                      "the file yourself and give its local path instead of the URL")
-                data = resp.read()
+                data = b"".join(_blocks(resp, self.counter, self.limit))
         except urllib.error.HTTPError as err:
             raise FetchError(f"{self.url}: HTTP {err.code} {err.reason} for bytes {start}-{end - 1}") from None
-        self.counter.add(nbytes=len(data))
         if len(data) != end - start:
             raise ConnectionError(f"{self.url}: asked for {end - start} bytes at {start}, got {len(data)}")
         return data
@@ -451,11 +506,10 @@ def download_file(store: S3Store, remote: RemoteObject, path: Path, rel: str, st
                 if have < remote.size:
                     body = store.open_range(remote.key, have, etag=remote.etag)
                     try:
-                        while block := body.read(CHUNK):
+                        for block in store.blocks(body):  # counted, and paced under a RateLimit
                             out.write(block)
                             md5.update(block)
                             received += len(block)
-                            store.counter.add(nbytes=len(block))
                             if on_bytes is not None:
                                 on_bytes(len(block))
                     finally:

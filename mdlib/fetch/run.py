@@ -29,8 +29,8 @@ from mdlib import paths
 from mdlib.fetch import coco as _coco
 from mdlib.fetch import subset as _subset
 from mdlib.fetch.manifest import PURPOSES, STIMULI_CHOICES, Item, NSDManifest, load_manifest
-from mdlib.fetch.remote import PART_SUFFIX, FetchError, FetchState, MissingKeyError, RemoteObject, S3Store, \
-    check_local, download_file
+from mdlib.fetch.remote import PART_SUFFIX, FetchError, FetchState, MissingKeyError, RateLimit, RemoteObject, \
+    S3Store, check_local, download_file
 from mdlib.nsd import layout
 
 _MISSING_HINT = ("The keys come from data_manifest/nsd.yaml for the subjects and sessions asked for: check "
@@ -133,7 +133,7 @@ def fetch_nsd(data_root: str | Path | None = None, subjects: Iterable[int] = (1,
               last_session: int | None = None, stimuli: str = "subset", coco: bool = True,
               coco_source: str | None = None, workers: int = 8, retries: int = 3, dry_run: bool = False,
               verify: bool = False, progress: bool = True, manifest: NSDManifest | str | Path | None = None,
-              max_gap_rows: int = 2, max_request_bytes: int = 32 << 20,
+              max_gap_rows: int = 2, max_request_bytes: int = 32 << 20, max_rate: float | None = None,
               log: Callable[[str], None] = print) -> FetchReport:
     """Fetch what ``what`` needs for ``subjects`` into ``data_root`` (default ``$MDLIB_DATA/nsd``).
 
@@ -147,6 +147,7 @@ def fetch_nsd(data_root: str | Path | None = None, subjects: Iterable[int] = (1,
         coco, coco_source: extract the COCO caption files from the annotations zip at ``coco_source``
             (default: the manifest's URL; also a local zip or ``s3://bucket/key``).
         workers: parallel transfers. retries: retries after a dropped connection (each resumes).
+        max_rate: a cap on the bytes per second received, all transfers together (None: no cap).
         dry_run: list what would be fetched and its size (HEAD requests and a few metadata reads; nothing is
             written). verify: re-hash every present file instead of trusting the fetch state.
 
@@ -167,7 +168,7 @@ def fetch_nsd(data_root: str | Path | None = None, subjects: Iterable[int] = (1,
     if (root / SIDECAR).is_file():
         raise FetchError(f"{root} holds a mini-NSD ({SIDECAR}): fetch the real NSD into another --data-root")
     store = S3Store(bucket or man.bucket, client=client, endpoint_url=endpoint_url, region=man.region,
-                    workers=workers)
+                    workers=workers, limit=RateLimit(max_rate) if max_rate else None)
     state = FetchState(root, write=not dry_run)
     report = FetchReport(root, dry_run)
     coco_counters: list[Any] = []
