@@ -2,7 +2,7 @@
 
 The bucket is public like NSD's (anonymous reads, unsigned requests); one betas file is a multipart upload (its
 ETag is not an MD5) and the COCO annotations zip is served over plain HTTP by the same server. Nothing here
-touches the internet. The lessons 01 and 02 run at the end on the fetched root (whose images come only from the
+touches the internet. The lessons 01 to 03 run at the end on the fetched root (whose images come only from the
 per-subject file) and on the mini-NSD it was fetched from, and record the same numbers.
 """
 
@@ -662,12 +662,26 @@ def test_no_stimulus_file_says_how_to_get_one(tmp_path):
 
 # -- the lessons on fetched data ---------------------------------------------------------------------------------
 
+#: Lesson 03 on PRESET "nsd" would load Stable Diffusion v1-4 and CLIP ViT-B/32: the shipped tiny models instead,
+#: the mini path's, on both roots.
+TINY_MODELS = {"SD_MODEL": "tiny-trained", "CLIP_MODEL": "tiny-trained"}
+
+
+def _mini_n_select(n_voxels: int) -> dict[str, int]:
+    """Lesson 03's FastL2LiR voxel counts on the mini path (its N_SELECT scaled by the ROI's size against the
+    released ROI's 11,694 voxels). The real path takes N_SELECT as given (3000 voxels: minutes on this ROI)."""
+    return {k: max(1, round(v * n_voxels / 11694)) for k, v in {"z": 3000, "c": 450, "clip": 850}.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.notebook
-def test_lessons_01_02_on_fetched_data_record_what_they_record_on_mini_nsd(fetched, mini_root, tmp_path):
-    """Both roots on the real-data path (PRESET "nsd": the fetched root has no mini-NSD sidecar). Only the
-    number of stored images differs: the fetched root holds the subject's own images, mini-NSD the brick."""
+def test_lessons_01_to_03_on_fetched_data_record_what_they_record_on_mini_nsd(fetched, mini_root, tmp_path):
+    """Both roots on the real-data path (PRESET "nsd": the fetched root has no mini-NSD sidecar); lesson 03 with
+    the tiny models and the mini path's sizes. Only the number of stored images differs: the fetched root holds
+    the subject's own images, mini-NSD the brick; lesson 03's targets (the images through the VAE and CLIP, the
+    captions through the text encoder) come out the same from either."""
     from mdlib import course
+    from mdlib.features import clip_feature_names
 
     root, _, _, _ = fetched
     assert not (root / layout.stimuli()).exists()
@@ -675,9 +689,12 @@ def test_lessons_01_02_on_fetched_data_record_what_they_record_on_mini_nsd(fetch
     for name, data_root in (("fetched", root), ("mini", mini_root)):
         summary = course.run_course("nsd", data_root=data_root, out=tmp_path / name, only=["01", "02"],
                                     progress=False)
+        n_select = _mini_n_select(summary["results"]["01_nsd_data"]["n_voxels_nsdgeneral"])
+        summary = course.run_course("nsd", data_root=data_root, out=tmp_path / name, only=["03"],
+                                    parameters={**TINY_MODELS, "N_SELECT": n_select}, progress=False)
         results[name] = summary["results"]
     got, want = results["fetched"], results["mini"]
-    assert set(got) == set(want) == {"01_nsd_data", "02_voxels_nilearn"}
+    assert set(got) == set(want) == {"01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding"}
     with h5py.File(mini_root / layout.stimuli(), "r") as f:
         brick_shape = list(f["imgBrick"].shape)
     assert want["01_nsd_data"].pop("stimulus_brick_shape") == brick_shape
@@ -685,6 +702,10 @@ def test_lessons_01_02_on_fetched_data_record_what_they_record_on_mini_nsd(fetch
     assert got == want
     assert got["01_nsd_data"]["nifti_equals_hdf5"] is True
     assert got["01_nsd_data"]["n_sessions"] == load_design(mini_root).n_sessions
+    r03 = got["03_ridge_decoding"]
+    assert set(r03["median_r"]) == {"z", "c", *(f"clip_{n}" for n in clip_feature_names())}
+    assert set(r03["median_r_fastl2lir"]) == {"z", "c", "clip_block1"} and r03["median_r_ceiling"] == {}
+    assert r03["n_voxels"] == got["01_nsd_data"]["n_voxels_nsdgeneral"]
 
 
 def test_the_manifest_is_valid_yaml_with_models_by_reference():
