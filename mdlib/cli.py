@@ -5,6 +5,8 @@
     mdlib train-mini [OUT]            train the tiny models on mini-NSD's scenes (resumable)
     mdlib fetch --subject 1 --what minimal|full [--models] [--dry-run]
                                       the real NSD files (and models) the lessons need, resumable, verified
+    mdlib reconstruct --subject 1 --stage 1|2 [--mode published|fast] [--images test|N..M] [--gather]
+                                      a whole test set, one image at a time: sharded, resumable
     mdlib info                        show where mdlib reads and writes
 """
 
@@ -110,6 +112,16 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_reconstruct(args) -> int:
+    from .reconstruct import main as reconstruct_main
+
+    try:
+        return reconstruct_main(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
 def cmd_info(args) -> int:
     print(f"mdlib {__version__}")
     print(f"home ({paths.ENV_VAR}): {paths.home()}")
@@ -186,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--verify", action="store_true", help="re-hash present files instead of trusting the state")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_fetch)
+
+    from .reconstruct import add_arguments as reconstruct_arguments
+
+    r = sub.add_parser("reconstruct", help="reconstruct a subject's test images, sharded and resumable",
+                       description="Reconstruct each test image into <out>/subjNN/<stage>/<nsdId>/ (image.png, "
+                                   "outputs.npz, record.json), skipping finished images. Run it under torchrun, "
+                                   "accelerate launch or a SLURM job array to share the images among processes; "
+                                   "then --gather builds the results table and the metrics.")
+    reconstruct_arguments(r)
+    r.set_defaults(func=cmd_reconstruct)
 
     i = sub.add_parser("info", help="show mdlib's folders")
     i.set_defaults(func=cmd_info)

@@ -1,0 +1,293 @@
+"""mdlib reconstruct: a whole test set one image at a time, sharded over processes, resumable, failures recorded.
+
+On the mini path (a small mini-NSD, the shipped tiny-trained models, a short sampler): two processes under
+torchrun make disjoint shards whose union is byte for byte a one-process run; a run killed with SIGKILL in the
+middle of an image resumes to the outputs of an uninterrupted run; an image with NaN inputs or outputs is
+recorded as failed while the others complete; gather's table and metrics equal a direct computation.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mdlib import cli, evaluation, metrics, reconstruct
+from mdlib.reconstruct import Shard
+from mdlib.sampler import image_seed
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BIN = Path(sys.executable).parent
+#: The published sampler's structure (z noised two levels above the first step) at 5 steps instead of 35.
+SHORT = ["--num-steps", "10", "--noise-index", "6", "--denoise-steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory):
+    from mdlib.synth.write import write_mini_nsd
+
+    root = tmp_path_factory.mktemp("mini") / "mini-nsd"
+    write_mini_nsd(root, subjects=(1,), n_shared=8, n_per_subject=40, trials_per_session=24, stim_size=64,
+                   progress=False)
+    return root
+
+
+def _args(root, out, *extra):
+    return ["reconstruct", "--preset", "mini", "--data-root", str(root), "--subject", "1", "--out", str(out),
+            *SHORT, "-q", *extra]
+
+
+def _env():
+    # one thread per process, as torchrun gives its workers: the same arithmetic in every run compared here
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _folder(out, tag):
+    return Path(out) / "subj01" / tag
+
+
+def _image_ids(folder):
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _assert_same_outputs(a: Path, b: Path, ids):
+    for i in ids:
+        assert (a / str(i) / "image.png").read_bytes() == (b / str(i) / "image.png").read_bytes(), i
+        x, y = reconstruct.read_outputs(a, i), reconstruct.read_outputs(b, i)
+        assert sorted(x) == sorted(y)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=f"nsdId {i}, {k}")
+
+
+@pytest.fixture(scope="module")
+def sharded(mini_root, tmp_path_factory):
+    """Stage 2 (fast) of the first 5 test images: by 2 processes under torchrun, then by one process."""
+    base = tmp_path_factory.mktemp("sharded")
+    t0 = time.perf_counter()
+    cmd = ["nice", "-n", "10", str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "mdlib.cli",
+           *_args(mini_root, base / "two", "--stage", "2", "--mode", "fast", "--images", "0..5")]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    two_s = time.perf_counter() - t0
+    assert cli.main(_args(mini_root, base / "one", "--stage", "2", "--mode", "fast", "--images", "0..5")) == 0
+    return {"two": _folder(base / "two", "stage2-fast"), "one": _folder(base / "one", "stage2-fast"),
+            "log": done.stdout + done.stderr, "two_s": two_s}
+
+
+def test_two_processes_make_disjoint_shards_whose_union_is_a_one_process_run(sharded):
+    two, one = sharded["two"], sharded["one"]
+    settings = json.loads((one / "run.json").read_text())
+    ids = settings["test_ids"][:5]
+    assert _image_ids(two) == _image_ids(one) == ids
+    recs = {i: reconstruct.read_record(two, i) for i in ids}
+    by_rank = {r: sorted(i for i in ids if recs[i]["process"]["rank"] == r) for r in (0, 1)}
+    assert by_rank == {0: ids[0::2], 1: ids[1::2]}                   # disjoint, and together every image
+    assert len({recs[i]["process"]["pid"] for i in ids}) == 2
+    for i in ids:
+        rec, rec1 = recs[i], reconstruct.read_record(one, i)
+        assert rec["status"] == rec1["status"] == "done"
+        assert rec["process"]["world"] == 2 and "RANK" in rec["process"]["launcher"]
+        assert rec1["process"]["world"] == 1
+        assert rec["seed"] == rec1["seed"] == image_seed(i, 0)       # the image's seed, not the rank's
+        assert rec["settings"] == rec1["settings"] == settings
+        assert rec["cost"]["unet_passes"] == 10 and rec["cost"]["unet_backward"] == 10
+        assert set(rec["versions"]) >= {"torch", "diffusers", "mdlib"}
+    _assert_same_outputs(two, one, ids)
+    assert json.loads((two / "run.json").read_text()) == settings
+    # the summaries: one line per process, one for the whole selection
+    assert "rank 0/2: 3 images in this shard: 3 reconstructed" in sharded["log"]
+    assert "rank 1/2: 2 images in this shard: 2 reconstructed" in sharded["log"]
+    assert "5 images: 5 done, 0 failed, 0 remaining" in sharded["log"]
+    print(f"torchrun, 2 processes, 5 images (stage 2 fast): {sharded['two_s']:.1f} s")
+
+
+def test_a_killed_run_resumes_to_the_outputs_of_an_uninterrupted_one(mini_root, tmp_path):
+    args = ["--stage", "2", "--mode", "published", "--iterations", "3", "--save-every", "1", "--images", "0..3"]
+    folder = _folder(tmp_path / "killed", "stage2-published")
+    proc = subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "mdlib.cli",
+                             *_args(mini_root, tmp_path / "killed", *args)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        first = second = second_state = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if folder.joinpath("run.json").is_file():
+                first, second = json.loads(folder.joinpath("run.json").read_text())["test_ids"][:2]
+                second_state = list(folder.glob(f".state/{second}/*/stage2_state.npz"))
+                if (folder / str(first) / "record.json").is_file() and second_state:
+                    break   # the first image is done, the second is in the middle of its optimisation
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert _image_ids(folder) == [first]                           # the second never reached its folder
+    with np.load(second_state[0]) as state:
+        assert int(state["iteration"]) >= 1                         # saved after at least one iteration
+
+    assert cli.main(_args(mini_root, tmp_path / "killed", *args)) == 0      # started again
+    assert cli.main(_args(mini_root, tmp_path / "whole", *args)) == 0       # never interrupted
+    whole = _folder(tmp_path / "whole", "stage2-published")
+    ids = json.loads((whole / "run.json").read_text())["test_ids"][:3]
+    assert _image_ids(folder) == _image_ids(whole) == ids
+    _assert_same_outputs(folder, whole, ids)
+    recs = {i: reconstruct.read_record(folder, i) for i in ids}
+    assert recs[first]["process"]["pid"] == proc.pid                # kept, not redone
+    assert recs[second]["cost"]["resumed_at"] >= 1                  # resumed from its saved state
+    assert recs[ids[2]]["cost"]["resumed_at"] == 0
+    for i in ids:
+        assert recs[i]["cost"]["unet_passes"] == reconstruct.read_record(whole, i)["cost"]["unet_passes"]
+        assert reconstruct.read_outputs(folder, i)["loss"].shape == (4,)       # iterations 0..3
+    leftovers = [p.name for p in folder.iterdir() if p.name.startswith((".tmp", ".old"))]
+    assert leftovers == [] and not any((folder / ".state").iterdir())
+
+
+def test_a_failed_image_is_recorded_and_the_others_complete(mini_root, tmp_path, monkeypatch):
+    from mdlib import stage1
+
+    job = reconstruct.Job(subject=1, stage=1, out=tmp_path, data_root=mini_root, preset="mini", images="0..4",
+                          config=reconstruct.pipeline_config("mini", sampler=_short_sampler()))
+    sd, _ = reconstruct.load_models(job, "cpu")
+    decoded = reconstruct.decode(job, sd, None, device="cpu", progress=False)
+    ids = list(decoded.nsd_ids[:4])
+    decoded.pred["z"] = decoded.pred["z"].copy()
+    decoded.pred["z"][1, 0, 2, 3] = np.nan                          # the second image's input
+    real = stage1.reconstruct
+
+    def nan_latents_for_the_fourth(sd_, z, c, seeds, **kw):
+        out = real(sd_, z, c, seeds, **kw)
+        if seeds[0] == image_seed(ids[3]):
+            out.latents[:] = np.nan
+        return out
+
+    monkeypatch.setattr(stage1, "reconstruct", nan_latents_for_the_fourth)
+    lines = []
+    out = reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lines.append)
+    folder = job.folder
+    assert out["shard"]["done_now"] == 2 and out["shard"]["failed_now"] == 2
+    assert [out["overall"][k] for k in ("images", "done", "failed", "remaining")] == [4, 2, 2, 0]
+    assert sorted(out["overall"]["failed_images"]) == [ids[1], ids[3]]
+    bad, worse = reconstruct.read_record(folder, ids[1]), reconstruct.read_record(folder, ids[3])
+    assert bad["status"] == worse["status"] == "failed"
+    assert bad["error"] == "FloatingPointError: 1 of 1024 values of the decoded z are not finite"
+    assert worse["error"] == "FloatingPointError: 1024 of 1024 values of the latents are not finite"
+    assert "Traceback" in bad["traceback"] and bad["files"] == {}
+    assert sorted(p.name for p in (folder / str(ids[1])).iterdir()) == ["record.json"]
+    for i in (ids[0], ids[2]):
+        assert reconstruct.read_record(folder, i)["status"] == "done"
+        assert reconstruct.read_image(folder, i).shape == (64, 64, 3)
+    assert any(f"nsdId {ids[1]} failed: FloatingPointError" in line for line in lines)
+    assert "2 failed" in lines[-1] and "--retry-failed" in lines[-1]
+    # A rerun leaves the finished images alone, failed ones included; --retry-failed tries those again.
+    again = reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lines.append)
+    assert again["shard"]["skipped"] == 4 and again["shard"]["done_now"] == again["shard"]["failed_now"] == 0
+    monkeypatch.setattr(stage1, "reconstruct", real)
+    retried = reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lines.append,
+                              retry_failed=True)
+    assert retried["shard"]["done_now"] == 1 and retried["shard"]["failed_now"] == 1
+    assert reconstruct.read_record(folder, ids[3])["status"] == "done"
+    assert reconstruct.read_record(folder, ids[1])["status"] == "failed"
+    assert not [p for p in folder.iterdir() if p.name.startswith((".tmp", ".old"))]
+
+
+def _short_sampler():
+    from mdlib.sampler import SamplerConfig
+
+    return SamplerConfig(num_steps=10, noise_index=6, denoise_steps=5)
+
+
+def test_gather_builds_the_table_and_its_metrics_equal_a_direct_computation(sharded, mini_root, capsys):
+    from mdlib.evalnets import EvalNetworks
+    from mdlib.nsd.stimuli import StimulusReader
+
+    one = sharded["one"]
+    job = reconstruct.Job(subject=1, stage=2, mode="fast", out=one.parent.parent, data_root=mini_root,
+                          preset="mini", images="0..6")
+    names = ["PixCorr", "SSIM", "AlexNet(2)"]
+    got = reconstruct.gather(job, metrics=names, eval_weights="random", device="cpu", progress=False)
+    ids = got["images"]
+    done = ids[:5]
+    table = got["table"]
+    assert list(table.index) == ids and list(table["status"]) == ["done"] * 5 + ["missing"]
+    assert [got["summary"][k] for k in ("images", "done", "failed", "remaining")] == [6, 5, 0, 1]
+    recons = np.stack([reconstruct.read_image(one, i) for i in done])
+    with StimulusReader(mini_root) as reader:
+        stims = reader.read(done)
+    np.testing.assert_allclose(table.loc[done, "PixCorr"], metrics.pixcorr_per_image(recons, stims), rtol=1e-12)
+    np.testing.assert_allclose(table.loc[done, "SSIM"], metrics.ssim_per_image(recons, stims), rtol=1e-12)
+    direct = evaluation.evaluate(recons, stims, EvalNetworks(weights="random", device="cpu", seed=0, progress=False),
+                                 metrics=names)
+    for m in names:
+        assert got["metrics"][m] == pytest.approx(direct.values[m], rel=1e-12)
+    assert got["metrics"]["PixCorr"] == pytest.approx(metrics.pixcorr(recons, stims), rel=1e-12)
+    assert "AlexNet" in got["header"] and "random" in got["header"].lower()
+    for i in done:
+        rec = reconstruct.read_record(one, i)
+        assert table.loc[i, "seed"] == rec["seed"] and table.loc[i, "loss_final"] == pytest.approx(rec["loss_final"])
+    # the files: the per-image table as CSV, everything as JSON, the means with their header
+    import pandas as pd
+
+    csv = pd.read_csv(one / "results.csv", index_col="nsd_id")
+    np.testing.assert_allclose(csv.loc[done, "SSIM"], table.loc[done, "SSIM"])
+    saved = json.loads((one / "results.json").read_text())
+    assert saved["metrics"] == pytest.approx(got["metrics"]) and len(saved["rows"]) == 6
+    means = evaluation.read_table(one / "metrics.csv")
+    assert means.loc["stage2-fast", "SSIM"] == pytest.approx(got["metrics"]["SSIM"])
+    # --status and --gather through the command
+    base = _args(mini_root, one.parent.parent, "--stage", "2", "--mode", "fast", "--images", "0..6")
+    assert cli.main([*base, "--status"]) == 0
+    assert "6 images: 5 done, 0 failed, 1 remaining" in capsys.readouterr().out
+    assert cli.main([*base, "--gather", "--metrics", "PixCorr,SSIM"]) == 0
+    assert f"SSIM: {got['metrics']['SSIM']:.4f}" in capsys.readouterr().out
+
+
+def test_shards_from_the_launchers_environment():
+    assert reconstruct.shard_from_env({}) == Shard(0, 1, 0, "single process")
+    s = reconstruct.shard_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert (s.rank, s.world, s.local_rank) == (3, 8, 1)
+    s = reconstruct.shard_from_env({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_LOCALID": "2"})
+    assert (s.rank, s.world, s.local_rank) == (2, 4, 2)
+    assert reconstruct.shard_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).world == 1
+    array = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "8"}
+    s = reconstruct.shard_from_env(array)
+    assert (s.rank, s.world) == (4, 8) and "array task 4 of 8" in s.source
+    s = reconstruct.shard_from_env({**array, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (s.rank, s.world, s.local_rank) == (9, 16, 1)          # a node of 2 GPUs per array task
+    s = reconstruct.shard_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "0",
+                                    "SLURM_ARRAY_TASK_MAX": "6", "SLURM_ARRAY_TASK_STEP": "2"})
+    assert (s.rank, s.world) == (2, 4)
+    with pytest.raises(ValueError, match="evenly spaced"):
+        reconstruct.shard_from_env({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_STEP": "2",
+                                    "SLURM_ARRAY_TASK_COUNT": "4"})
+    with pytest.raises(ValueError, match="rank < world"):
+        Shard(2, 2)
+    ids = [30, 10, 20, 50, 40]
+    shards = [Shard(r, 2).take(ids) for r in (0, 1)]
+    assert [s.tolist() for s in shards] == [[10, 30, 50], [20, 40]]
+
+
+def test_image_selection_and_settings_guard(tmp_path, capsys):
+    ids = [9, 3, 7, 1]
+    assert reconstruct.select_images(ids).tolist() == [1, 3, 7, 9]
+    assert reconstruct.select_images(ids, "1..3").tolist() == [3, 7]
+    assert reconstruct.select_images(ids, "..2").tolist() == [1, 3]
+    assert reconstruct.select_images(ids, "2..").tolist() == [7, 9]
+    assert reconstruct.select_images(ids, "0..100").tolist() == [1, 3, 7, 9]
+    for bad in ("4..5", "2..2", "first", "1-3"):
+        with pytest.raises(ValueError):
+            reconstruct.select_images(ids, bad)
+    reconstruct.open_run(tmp_path, {"seed": 0, "sampler": {"num_steps": 50}})
+    reconstruct.open_run(tmp_path, {"seed": 0, "sampler": {"num_steps": 50}})
+    with pytest.raises(ValueError, match=r"other settings \(sampler differ"):
+        reconstruct.open_run(tmp_path, {"seed": 0, "sampler": {"num_steps": 10}})
+    assert cli.main(["reconstruct", "--subject", "1", "--stage", "1", "--mode", "fast"]) == 1
+    assert "--mode is for stage 2" in capsys.readouterr().err
