@@ -530,7 +530,10 @@ def run(job: Job, shard: Shard | None = None, device: str | None = None, *, retr
                "torch_threads": torch.get_num_threads()}
     common = {"subject": int(job.subject), "stage": job.stage, "mode": settings["mode"], "tag": job.tag,
               "sd_model": job.sd_source, "clip_model": job.clip_source if job.stage == 2 else None,
-              "settings": settings, "versions": versions(), "process": process}
+              "settings": {k: v for k, v in settings.items() if k != "test_ids"}, "versions": versions(),
+              "process": process}
+    for old in folder.glob(".old-*"):     # a replaced attempt whose removal a kill interrupted: always garbage
+        shutil.rmtree(old, ignore_errors=True)
     from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), position=shard.local_rank, unit="image",

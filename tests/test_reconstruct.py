@@ -95,7 +95,7 @@ def test_two_processes_make_disjoint_shards_whose_union_is_a_one_process_run(sha
         assert rec["process"]["world"] == 2 and "RANK" in rec["process"]["launcher"]
         assert rec1["process"]["world"] == 1
         assert rec["seed"] == rec1["seed"] == image_seed(i, 0)       # the image's seed, not the rank's
-        assert rec["settings"] == rec1["settings"] == settings
+        assert rec["settings"] == rec1["settings"] == {k: v for k, v in settings.items() if k != "test_ids"}
         assert rec["cost"]["unet_passes"] == 10 and rec["cost"]["unet_backward"] == 10
         assert set(rec["versions"]) >= {"torch", "diffusers", "mdlib"}
     _assert_same_outputs(two, one, ids)
@@ -248,6 +248,14 @@ def test_gather_builds_the_table_and_its_metrics_equal_a_direct_computation(shar
     assert "6 images: 5 done, 0 failed, 1 remaining" in capsys.readouterr().out
     assert cli.main([*base, "--gather", "--metrics", "PixCorr,SSIM"]) == 0
     assert f"SSIM: {got['metrics']['SSIM']:.4f}" in capsys.readouterr().out
+
+
+def test_decode_only_fills_the_cache_and_stops(mini_root, tmp_path, capsys):
+    assert cli.main(_args(mini_root, tmp_path, "--stage", "1", "--decode-only")) == 0
+    assert "decoded subject 1: Decoded(8 test images: z (4, 16, 16)" in capsys.readouterr().out
+    assert not (tmp_path / "subj01").exists()
+    assert (mini_root / "mdlib_cache" / "locks" / "decode_subj01.lock").is_file()
+    assert len(list((mini_root / "mdlib_cache" / "decoded").glob("subj01_z_*.npz"))) == 1
 
 
 def test_shards_from_the_launchers_environment():
