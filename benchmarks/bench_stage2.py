@@ -6,7 +6,7 @@ Prints markdown tables (paste them into benchmarks/README.md). Not a test: timin
     python benchmarks/bench_stage2.py            # full: about 40 min on 2 CPU cores
     python benchmarks/bench_stage2.py --quick    # the same code paths at small sizes: a few minutes
 
-Parts (``--parts``, default both):
+Parts (``--parts``, default all three):
 
 1. ``memory``: one iteration of the published objective (sampler -> VAE decoder -> CLIP features -> loss,
    then the backward pass into z) for 5, 10, 20 and 35 denoising steps, with and without checkpointing each
@@ -21,6 +21,9 @@ Parts (``--parts``, default both):
    the fast mode at a few guidance scales, on the same test images and seeds. Reports the feature loss
    reached, its reduction from stage 1, the share of the published mode's reduction, PixCorr and SSIM
    against the stimuli, UNet passes (forward, as counted; backward), wall time and peak memory.
+3. ``lr``: the published mode's Adam learning rate on the mini path's trained models (``"tiny-trained"``) at the
+   lessons' 10 iterations (lr 0.01, 0.03, 0.1, 0.3), next to stage 1 and the fast mode: PixCorr, SSIM, the
+   feature loss, and whether it falls at every iteration. Why lessons 05-06 use lr 0.1 on the mini path.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 
 from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
-FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0))
-QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,))
+FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0),
+            lr_images=8, lr_iterations=10, lrs=(0.01, 0.03, 0.1, 0.3))
+QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,),
+             lr_images=2, lr_iterations=3, lrs=(0.01, 0.1))
 
 
 def _rss_peak_bytes() -> int:
@@ -152,27 +158,36 @@ def part_memory(args, cfg) -> None:
 
 
 # -- part 2 -----------------------------------------------------------------------------------------------------
-def part_modes(args, cfg) -> None:
-    from mdlib import decoding, metrics, models, paths, stage1, stage2
+def mini_inputs(args, n_images: int, source: str) -> tuple:
+    """The mini path's stage-2 inputs for subject 1's first ``n_images`` test images, with models ``source``:
+    (sd, clip, z, c, targets, seeds, scores) where scores(images) -> (PixCorr, SSIM) against the stimuli."""
+    from mdlib import decoding, metrics, models, paths, stage2
     from mdlib.nsd.stimuli import StimulusReader
     from mdlib.sampler import image_seed
     from mdlib.synth.write import ensure_mini_nsd
 
     root = paths.data_root(args.data_root, "mini")
     ensure_mini_nsd(root)
-    sd = models.load_sd("tiny", device=args.device)
-    clip = models.load_clip_vision("tiny", device=args.device)
+    sd = models.load_sd(source, device=args.device)
+    clip = models.load_clip_vision(source, device=args.device)
     dec = decoding.decode_features(root, 1, sd, clip, posterior="mean", progress=False)
-    rows = list(range(min(cfg["images"], len(dec.nsd_ids))))
+    rows = list(range(min(n_images, len(dec.nsd_ids))))
     ids = dec.nsd_ids[rows]
-    seeds = [image_seed(i) for i in ids]
     with StimulusReader(root) as reader:
         stim = reader.read(ids)
     targets = stage2.FeatureTargets.from_decoded(dec, rows, device=sd.device)
-    z, c = dec.pred["z"][rows], dec.pred["c"][rows]
 
     def scores(images) -> tuple[float, float]:
         return float(metrics.pixcorr(images, stim)), float(metrics.ssim(images, stim))
+
+    return sd, clip, dec.pred["z"][rows], dec.pred["c"][rows], targets, [image_seed(i) for i in ids], scores
+
+
+def part_modes(args, cfg) -> None:
+    from mdlib import stage1, stage2
+
+    sd, clip, z, c, targets, seeds, scores = mini_inputs(args, cfg["images"], "tiny")
+    rows = list(range(len(seeds)))
 
     t0 = time.perf_counter()
     s1 = stage1.reconstruct(sd, z, c, seeds, progress=False)
@@ -221,10 +236,37 @@ def part_modes(args, cfg) -> None:
           f"{pub.cost['peak_memory_bytes'] / 2**30:.2f} GB. {load()}.\n", flush=True)
 
 
+def part_lr(args, cfg) -> None:
+    """The published mode's Adam learning rate on the mini path's trained models, at the mini path's iteration
+    count: how far each lr gets in PixCorr, SSIM and feature loss, next to stage 1 and the fast mode."""
+    from mdlib import stage1, stage2
+
+    sd, clip, z, c, targets, seeds, scores = mini_inputs(args, cfg["lr_images"], "tiny-trained")
+    iters = cfg["lr_iterations"]
+    s1 = stage1.reconstruct(sd, z, c, seeds, progress=False)
+    rows = [("stage 1", *scores(s1.images), float(stage2.score_latents(sd, clip, targets, s1.latents).mean()), "")]
+    fast = stage2.guide_fast(sd, clip, z, c, targets, seeds, progress=False)
+    rows.append(("fast, scale 4 (one pass)", *scores(fast.images), float(fast.loss[-1].mean()), ""))
+    for lr in cfg["lrs"]:
+        print(f"  published, lr {lr:g}, {iters} iterations ...", file=sys.stderr, flush=True)
+        out = stage2.guide_published(sd, clip, z, c, targets, seeds, progress=False,
+                                     config=stage2.PublishedConfig(iterations=iters, lr=lr, snapshots=()))
+        curve = out.loss.mean(1)
+        rows.append((f"published, lr {lr:g}", *scores(out.images), float(curve[-1]),
+                     "yes" if (np.diff(curve) < 0).all() else "no"))
+    print(f"## 3. The published mode's learning rate on the mini path: {len(seeds)} test images of mini-NSD "
+          f"subject 1, trained tiny models, {iters} iterations\n")
+    print("| run | PixCorr | SSIM | feature loss | loss falls at every iteration |")
+    print("|---|---|---|---|---|")
+    for name, pc, ss, loss, mono in rows:
+        print(f"| {name} | {pc:.3f} | {ss:.3f} | {loss:.4f} | {mono} |")
+    print(f"\n{load()}.\n", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, same code paths")
-    ap.add_argument("--parts", default="memory,modes")
+    ap.add_argument("--parts", default="memory,modes,lr")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-root", default="",
                     help="mini-NSD root (default: $MDLIB_DATA/mini-nsd, written if missing)")
@@ -249,6 +291,8 @@ def main(argv=None) -> None:
         part_memory(args, cfg)
     if "modes" in parts:
         part_modes(args, cfg)
+    if "lr" in parts:
+        part_lr(args, cfg)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ in the training set), in the order Stable Diffusion's parts depend on each other
    towards the noisy timesteps where the caption decides the layout: :func:`diffusion_loss`) on the VAE's
    latents at timesteps of SD v1-4's schedule, conditioned on the frozen text encoder's token states of a
    caption (``n_tokens`` tokens, as the lessons use); the caption is replaced by the empty prompt with
-   probability ``uncond_prob`` so that classifier-free guidance works. (Training the text encoder along with
-   the UNet from scratch does not work: it learns to give every caption the same states, and the UNet ignores
-   them. Measured: across-caption spread of the states 0.35 at initialisation, 0.06 after 500 steps.)
+   probability ``uncond_prob`` so that classifier-free guidance works. The trained UNet has the tiny build's
+   config except for its attention heads and an optional pooled-caption path (:func:`trained_unet_config`).
+   (Training the text encoder along with the UNet from scratch does not work: it learns to give every caption
+   the same states, and the UNet ignores them. Measured: across-caption spread of the states 0.35 at
+   initialisation, 0.06 after 500 steps.)
 
 Every stage saves a checkpoint every ``save_every`` steps (weights and AdamW state as safetensors, step and
 losses as JSON, written atomically) and resumes from it: an interrupted run loses at most that many steps.

@@ -240,19 +240,24 @@ def test_lesson_05_lowers_the_feature_loss_in_both_modes_at_the_counted_cost(cou
     r = summary["results"]["05_stage2_guidance"]
     n, iters = LESSON_05_SMOKE["N_IMAGES"], LESSON_05_SMOKE["ITERATIONS"]
     assert r["n_images"] == n and r["iterations"] == iters
-    assert r["published"]["lr"] == 0.01 and r["published"]["gamma"] == 0.999 and r["published"]["update"] == ["z"]
+    # The mini path's lr: ten times the released 0.01, for 10 iterations instead of 300 (lesson 05, section 6).
+    assert r["published"]["lr"] == 0.1 and r["published"]["gamma"] == 0.999 and r["published"]["update"] == ["z"]
     # The decoded features identify their stimulus: its loss is far below another test image's.
     assert r["loss"]["stimulus"] < 0.5 * r["loss"]["other_image"]
     # Features kept by training-set LOO R^2 are the better decoded on the test images too.
     for block, row in r["kept_features"].items():
         assert row["kept"] == round(0.25 * row["features"]), block
         assert row["test r, kept (median)"] > row["test r, dropped (median)"], block
-    # The published optimisation lowers the loss at every iteration (Adam, small lr), from stage 1's image.
+    # The published optimisation lowers the loss from stage 1's image, by a fifth at least in these few
+    # iterations; Adam's steps of 0.1 may overshoot a little, but never 1% above the best loss so far.
     curve = np.array(r["loss_curve_mean"])
     assert len(curve) == iters + 1 and curve[0] == pytest.approx(r["loss"]["stage1"], rel=1e-3)
-    assert (np.diff(curve) < 0).all()
+    assert curve[-1] < 0.8 * curve[0]
+    assert (curve[1:] <= 1.01 * np.minimum.accumulate(curve)[:-1]).all()
     m = r["metrics"]
     assert m["published"]["feature loss"] == pytest.approx(curve[-1], rel=1e-5)
+    for k in ("PixCorr", "SSIM"):   # the published stage 2 brings stage 1's image closer to the stimulus
+        assert m["published"][k] > m["stage 1"][k], k
     assert m["fast"]["feature loss"] < m["stage 1"]["feature loss"]
     for mode in ("published", "fast"):
         base = m["stage 1"]["feature loss"]
@@ -383,10 +388,10 @@ def test_lesson_06_shows_the_papers_ablation_on_the_trained_mini_world(lesson06_
     for m in ("AlexNet(2)", "AlexNet(5)"):
         assert s1["without control"][m] > STAGE1_IDENTIFICATION_FLOOR, m
         assert s1["true (z, c)"][m] > STAGE1_IDENTIFICATION_FLOOR, m
-    # Without z: text-to-image from the decoded c keeps no layout: SSIM falls, and identification drops to
-    # chance (the tiny UNet follows captions only weakly). PixCorr is near zero for both: the decoded z keeps
-    # the colours (hence identification) but too little of where the shapes are (README, "The mini world").
+    # Without z: text-to-image from the decoded c keeps no layout: the pixel metrics fall, and identification
+    # drops to chance (the tiny UNet follows captions only weakly; README, "The mini world").
     assert s1["without z"]["SSIM"] < s1["without control"]["SSIM"] - 0.02
+    assert s1["without z"]["PixCorr"] < s1["without control"]["PixCorr"]
     assert s1["without z"]["AlexNet(2)"] < s1["without control"]["AlexNet(2)"] - 10
     assert abs(s1["without z"]["AlexNet(2)"] - 50) < 10
     # Stage 2 (published, the same images) brings the image closer to the stimulus in pixels.
