@@ -424,7 +424,7 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
     # scenes, the latent statistics); their sum is what the recipe costs from scratch.
     record["seconds"] = {stage: stage_seconds(work / stage) for stage in STAGES}
     record["seconds"]["other"] = time.perf_counter() - t0 - sum(
-        stage_seconds(work / stage) - before[stage] for stage in STAGES)
+        record["seconds"][stage] - before[stage] for stage in STAGES)
     record["seconds"]["total"] = sum(record["seconds"].values())
     for m in (parts["vae"], parts["unet"], parts["text_encoder"], parts["clip"]):
         m.eval().requires_grad_(False)
