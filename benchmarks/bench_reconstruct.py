@@ -90,9 +90,9 @@ def main(argv=None) -> None:
 
     shard = reconstruct.Shard()
     device = reconstruct.pick_device(args.device, shard)
-    config = reconstruct.pipeline_config(args.preset, published=PublishedConfig(iterations=args.iterations,
-                                                                                snapshots=()),
-                                         fast=FastConfig(scale=args.fast_scale))
+    published = PublishedConfig(iterations=args.iterations, lr=reconstruct.PRESET_DEFAULTS[args.preset]["lr"],
+                                snapshots=())
+    config = reconstruct.pipeline_config(args.preset, published=published, fast=FastConfig(scale=args.fast_scale))
     base = dict(subject=args.subject, preset=args.preset, data_root=args.data_root, sd_model=args.sd_model,
                 clip_model=args.clip_model, dtype=args.dtype, images=f"0..{args.images}", config=config)
     probe = reconstruct.Job(stage=2, **base)

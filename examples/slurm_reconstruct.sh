@@ -6,6 +6,7 @@
 #
 #   sbatch examples/slurm_reconstruct.sh                              # subject 1, stage 2, published mode
 #   SUBJECT=2 STAGE=1 sbatch examples/slurm_reconstruct.sh            # other settings through the environment
+#   EXTRA="--images 0..100 --iterations 90" sbatch examples/slurm_reconstruct.sh   # any other option
 #
 # Decoding runs once per subject: the first task to start decodes (into $MDLIB_DATA/nsd/mdlib_cache) while the
 # others wait for its lock file. To keep their GPUs from idling meanwhile, decode in a job of its own first:
@@ -30,10 +31,13 @@ export HF_HUB_OFFLINE=1     # compute nodes rarely reach the hub: get the models
 SUBJECT=${SUBJECT:-1}
 STAGE=${STAGE:-2}
 MODE=${MODE:-published}     # stage 2: published or fast
-OUT=${OUT:-$MDLIB_DATA/runs/reconstruct/nsd}
+PRESET=${PRESET:-nsd}       # nsd: the real NSD and SD v1-4; mini: mini-NSD and the tiny models
+OUT=${OUT:-$MDLIB_DATA/runs/reconstruct/$PRESET}
 
-args=(--subject "$SUBJECT" --stage "$STAGE" --out "$OUT")
+args=(--subject "$SUBJECT" --stage "$STAGE" --preset "$PRESET" --out "$OUT")
 if [ "$STAGE" = 2 ]; then args+=(--mode "$MODE"); fi
+# shellcheck disable=SC2206  # EXTRA is split into words on purpose
+args+=(${EXTRA:-})
 
 # One GPU per task. For nodes of several GPUs, give each task all of them and one process per GPU instead:
 #   #SBATCH --gres=gpu:4

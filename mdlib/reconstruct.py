@@ -81,10 +81,12 @@ FORMAT_VERSION = 1
 MODES = ("published", "fast")
 RECORD, IMAGE, OUTPUTS, SETTINGS = "record.json", "image.png", "outputs.npz", "run.json"
 #: Defaults per preset, as the lessons have them (lesson 06): models, z's posterior, published iterations.
+#: The mini path's lr is five times the released 0.01 because it runs 10 iterations instead of 300 (lesson 05).
 PRESET_DEFAULTS = {
-    "mini": {"sd_model": "tiny-trained", "clip_model": "tiny-trained", "posterior": "mean", "iterations": 10},
+    "mini": {"sd_model": "tiny-trained", "clip_model": "tiny-trained", "posterior": "mean", "iterations": 10,
+             "lr": 0.05},
     "nsd": {"sd_model": "CompVis/stable-diffusion-v1-4", "clip_model": "openai", "posterior": "sample",
-            "iterations": 300},
+            "iterations": 300, "lr": 0.01},
 }
 
 
@@ -180,15 +182,16 @@ def select_images(test_ids: Sequence[int], spec: str = "test") -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------ job
 
 def pipeline_config(preset: str = "mini", **overrides) -> PipelineConfig:
-    """:class:`mdlib.pipeline.PipelineConfig` with the preset's posterior and published iterations (as lesson
-    06), then ``overrides``: its own fields, plus ``iterations`` / ``fast_scale`` as shortcuts."""
+    """:class:`mdlib.pipeline.PipelineConfig` with the preset's posterior, published iterations and lr (as lesson
+    06), then ``overrides``: its own fields, plus ``iterations`` / ``lr`` as shortcuts."""
     from mdlib.pipeline import PipelineConfig
     from mdlib.stage2 import FastConfig, PublishedConfig, snapshot_iterations
 
     base = PRESET_DEFAULTS[preset]
     iterations = overrides.pop("iterations", None) or base["iterations"]
+    lr = overrides.pop("lr", None) or base["lr"]
     published = overrides.pop("published", None) or PublishedConfig(
-        iterations=iterations, snapshots=snapshot_iterations(iterations))
+        iterations=iterations, lr=lr, snapshots=snapshot_iterations(iterations))
     fast = overrides.pop("fast", None) or FastConfig()
     overrides.setdefault("posterior", base["posterior"])
     return PipelineConfig(published=published, fast=fast, **overrides)
@@ -764,7 +767,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--keep", type=float, default=0.25, help="stage 2: share of features per block in the loss")
     m.add_argument("--cos-weight", type=float, default=0.1)
     m.add_argument("--iterations", type=int, default=None, help="published mode (default: 300 nsd, 10 mini)")
-    m.add_argument("--lr", type=float, default=0.01)
+    m.add_argument("--lr", type=float, default=None, help="published mode's Adam lr (default: 0.01 nsd, 0.05 mini)")
     m.add_argument("--gamma", type=float, default=0.999)
     m.add_argument("--update", default="z", help="published mode: z (released code) or z,c (the paper)")
     m.add_argument("--save-every", type=int, default=10, help="published mode: iterations between saved states")
@@ -781,13 +784,14 @@ def job_from_args(args: argparse.Namespace) -> Job:
     if args.stage == 1 and args.mode is not None:
         raise ValueError("--mode is for stage 2")
     iterations = args.iterations or PRESET_DEFAULTS[args.preset]["iterations"]
+    lr = args.lr or PRESET_DEFAULTS[args.preset]["lr"]
     config = pipeline_config(
         args.preset, roi=args.roi, sessions=tuple(range(1, args.last_session + 1)) if args.last_session else None,
         decoder=args.decoder, n_tokens=args.n_tokens, seed=args.seed, keep=args.keep, cos_weight=args.cos_weight,
         save_every=args.save_every, **({"posterior": args.posterior} if args.posterior else {}),
         sampler=SamplerConfig(num_steps=args.num_steps, noise_index=args.noise_index,
                               denoise_steps=args.denoise_steps, guidance_scale=args.guidance_scale, eta=args.eta),
-        published=PublishedConfig(iterations=iterations, lr=args.lr, gamma=args.gamma,
+        published=PublishedConfig(iterations=iterations, lr=lr, gamma=args.gamma,
                                   update=tuple(args.update.split(",")), snapshots=snapshot_iterations(iterations)),
         fast=FastConfig(scale=args.fast_scale, through_unet=not args.fast_eps_constant))
     return Job(subject=args.subject, stage=args.stage, mode=args.mode or "published", out=args.out,

@@ -107,6 +107,36 @@ def test_two_processes_make_disjoint_shards_whose_union_is_a_one_process_run(sha
     print(f"torchrun, 2 processes, 5 images (stage 2 fast): {sharded['two_s']:.1f} s")
 
 
+def test_accelerate_launch_and_the_slurm_example_shard_like_torchrun(mini_root, tmp_path):
+    """``accelerate launch --multi_gpu`` starts its processes through torch.distributed.run, which sets RANK and
+    WORLD_SIZE as torchrun does (on a machine without GPUs too, where each process takes the CPU); the SLURM
+    example, run as the two tasks of an array, shards by SLURM_ARRAY_TASK_ID. Both equal a one-process run."""
+    args = ["--stage", "1", "--images", "0..4"]
+    cmd = ["nice", "-n", "10", str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mdlib.cli",
+           *_args(mini_root, tmp_path / "accelerate", *args)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    script = Path(__file__).resolve().parents[1] / "examples" / "slurm_reconstruct.sh"
+    extra = " ".join(["--data-root", str(mini_root), *SHORT, "-q", "--images", "0..4"])
+    for task in (1, 0):       # array tasks need not run together, nor in order
+        env = {**_env(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MDLIB_DATA": str(tmp_path / "data"),
+               "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2",
+               "PRESET": "mini", "STAGE": "1", "OUT": str(tmp_path / "slurm"), "EXTRA": extra}
+        done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert cli.main(_args(mini_root, tmp_path / "one", *args)) == 0
+    one = _folder(tmp_path / "one", "stage1")
+    ids = json.loads((one / "run.json").read_text())["test_ids"][:4]
+    for launcher, source in (("accelerate", "RANK"), ("slurm", "SLURM array task")):
+        two = _folder(tmp_path / launcher, "stage1")
+        assert _image_ids(two) == _image_ids(one) == ids, launcher
+        procs = {i: reconstruct.read_record(two, i)["process"] for i in ids}
+        assert {i: p["rank"] for i, p in procs.items()} == {i: k % 2 for k, i in enumerate(ids)}, launcher
+        assert all(p["world"] == 2 and p["device"] == "cpu" and source in p["launcher"] for p in procs.values())
+        _assert_same_outputs(two, one, ids)
+
+
 def test_a_killed_run_resumes_to_the_outputs_of_an_uninterrupted_one(mini_root, tmp_path):
     args = ["--stage", "2", "--mode", "published", "--iterations", "3", "--save-every", "1", "--images", "0..3"]
     folder = _folder(tmp_path / "killed", "stage2-published")
@@ -297,5 +327,16 @@ def test_image_selection_and_settings_guard(tmp_path, capsys):
     reconstruct.open_run(tmp_path, {"seed": 0, "sampler": {"num_steps": 50}})
     with pytest.raises(ValueError, match=r"other settings \(sampler differ"):
         reconstruct.open_run(tmp_path, {"seed": 0, "sampler": {"num_steps": 10}})
+    # the published mode's lr: the preset's (lessons 05-06: 0.05 for the mini path's 10 iterations), or --lr
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    reconstruct.add_arguments(parser)
+    for preset, extra, lr, iterations in (("mini", [], 0.05, 10), ("nsd", [], 0.01, 300),
+                                          ("mini", ["--lr", "0.2"], 0.2, 10)):
+        job = reconstruct.job_from_args(parser.parse_args(["--subject", "1", "--stage", "2", "--preset", preset,
+                                                           *extra]))
+        assert (job.config.published.lr, job.config.published.iterations) == (lr, iterations), preset
+    assert reconstruct.pipeline_config("mini").published.lr == 0.05
     assert cli.main(["reconstruct", "--subject", "1", "--stage", "1", "--mode", "fast"]) == 1
     assert "--mode is for stage 2" in capsys.readouterr().err
