@@ -21,20 +21,26 @@ def image_grid(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] 
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows * (1.35 if titles else 1.0)),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    # Each line of a title is wrapped on its own: the line breaks the caller put in are kept.
+    wrapped = (["\n".join(w for part in str(t).split("\n") for w in textwrap.wrap(part, wrap) or [""])
+                for t in titles] if titles is not None else None)
+    # The axes are placed by hand: each row is an image plus room for the longest title (7 pt lines), so long
+    # captions never run into the row above (tight_layout sizes the axes' boxes, not the square images in them).
+    lines = max(t.count("\n") + 1 for t in wrapped) if wrapped else 0
+    head = lines * 7 * 1.25 / 72 + 0.08 if lines else 0.0      # inches of title above each image
+    gap, top = 0.06, (0.45 if title else 0.05)
+    width, height = size * ncols, (size + head) * nrows + top
+    fig = plt.figure(figsize=(width, height))
     for i, img in enumerate(images):
-        ax = axes.flat[i]
+        r, c = divmod(i, ncols)
+        bottom = height - top - (r + 1) * (size + head)
+        ax = fig.add_axes(((c * size + gap / 2) / width, bottom / height, (size - gap) / width, (size - gap) / height))
         ax.imshow(np.asarray(img))
-        if titles is not None:
-            ax.set_title("\n".join(textwrap.wrap(str(titles[i]), wrap)), fontsize=7)
+        ax.axis("off")
+        if wrapped is not None:
+            ax.set_title(wrapped[i], fontsize=7, pad=2)
     if title:
-        fig.suptitle(title)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
-    else:
-        fig.tight_layout()
+        fig.suptitle(title, y=1 - 0.1 / height, va="top")
     return fig
 
 

@@ -1,0 +1,31 @@
+"""mdlib.viz.image_grid: the caller's line breaks are kept, and long titles stay clear of the row above."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+
+from mdlib import viz  # noqa: E402
+
+
+def test_image_grid_keeps_line_breaks_and_keeps_long_titles_clear_of_the_row_above():
+    long = "a caption long enough to wrap over several lines of the title " * 2
+    imgs = np.zeros((5, 8, 8, 3), np.uint8)
+    fig = viz.image_grid(imgs, titles=["stimulus\nnsdId 3", long, "c", long, "e"], ncols=2, size=1.5,
+                         title="a grid")
+    axes = fig.axes
+    assert len(axes) == 5
+    assert axes[0].get_title() == "stimulus\nnsdId 3"              # the caller's line break, not a space
+    assert axes[1].get_title().count("\n") >= 3                     # wrapped at 28 characters
+    renderer = fig.canvas.get_renderer()
+    for upper, lower in ((0, 2), (1, 3), (2, 4)):
+        title = axes[lower].title.get_window_extent(renderer)
+        image = axes[upper].get_window_extent(renderer)
+        assert title.y1 <= image.y0 + 1e-6, (upper, lower)          # below the image of the row above
+    fig_box = fig.bbox
+    sup = fig._suptitle.get_window_extent(renderer)
+    assert sup.y1 <= fig_box.y1 and all(sup.y0 >= axes[k].title.get_window_extent(renderer).y1 for k in (0, 1))
+    # images are square and as wide as `size` inches (less a small gap)
+    w, h = axes[0].get_position().width * fig.get_figwidth(), axes[0].get_position().height * fig.get_figheight()
+    assert abs(w - h) < 1e-9 and 1.4 < w <= 1.5
