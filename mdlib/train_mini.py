@@ -80,14 +80,14 @@ class TrainMiniConfig:
     image_size: int = models.TINY_IMAGE_SIZE
     n_scenes: int = 8000
     n_heldout: int = 512
-    vae_steps: int = 800
+    vae_steps: int = 1400
     vae_batch: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
     clip_steps: int = 800
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    unet_steps: int = 3300
+    unet_steps: int = 2900
     unet_batch: int = 32
     unet_lr: float = 1e-3
     uncond_prob: float = 0.1
