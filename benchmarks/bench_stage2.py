@@ -42,7 +42,7 @@ import torch
 from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0),
-            lr_images=8, lr_iterations=10, lrs=(0.01, 0.03, 0.1, 0.3))
+            lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1))
 QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,),
              lr_images=2, lr_iterations=3, lrs=(0.01, 0.1))
 
@@ -245,7 +245,7 @@ def part_lr(args, cfg) -> None:
     iters = cfg["lr_iterations"]
     s1 = stage1.reconstruct(sd, z, c, seeds, progress=False)
     rows = [("stage 1", *scores(s1.images), float(stage2.score_latents(sd, clip, targets, s1.latents).mean()), "")]
-    fast = stage2.guide_fast(sd, clip, z, c, targets, seeds, progress=False)
+    fast = stage2.guide_fast(sd, clip, z, c, targets, seeds, progress=False, config=stage2.FastConfig(scale=4.0))
     rows.append(("fast, scale 4 (one pass)", *scores(fast.images), float(fast.loss[-1].mean()), ""))
     for lr in cfg["lrs"]:
         print(f"  published, lr {lr:g}, {iters} iterations ...", file=sys.stderr, flush=True)
