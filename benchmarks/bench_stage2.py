@@ -22,8 +22,9 @@ Parts (``--parts``, default all three):
    reached, its reduction from stage 1, the share of the published mode's reduction, PixCorr and SSIM
    against the stimuli, UNet passes (forward, as counted; backward), wall time and peak memory.
 3. ``lr``: the published mode's Adam learning rate on the mini path's trained models (``"tiny-trained"``) at the
-   lessons' 10 iterations (lr 0.01, 0.03, 0.1, 0.3), next to stage 1 and the fast mode: PixCorr, SSIM, the
-   feature loss, and whether it falls at every iteration. Why lessons 05-06 use lr 0.1 on the mini path.
+   lessons' 10 iterations (lr 0.01, 0.03, 0.05, 0.1) on 16 test images, next to stage 1 and the fast mode
+   (scale 4, as lesson 05): PixCorr, SSIM, the feature loss, and whether it falls at every iteration. Why
+   lessons 05-06 use lr 0.05 on the mini path.
 """
 
 from __future__ import annotations
