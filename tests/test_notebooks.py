@@ -249,11 +249,11 @@ def test_lesson_05_lowers_the_feature_loss_in_both_modes_at_the_counted_cost(cou
     for block, row in r["kept_features"].items():
         assert row["kept"] == round(0.25 * row["features"]), block
         assert row["test r, kept (median)"] > row["test r, dropped (median)"], block
-    # The published optimisation lowers the loss from stage 1's image. Adam's steps of 0.05 can overshoot on
-    # images whose stage-1 loss is already low (the first two here), so the mean need not fall at every step.
+    # The published optimisation lowers the mean loss from stage 1's image at every iteration. (On one image
+    # whose stage-1 loss is already low, Adam's steps of 0.05 can overshoot; the mean over 8 falls throughout.)
     curve = np.array(r["loss_curve_mean"])
     assert len(curve) == iters + 1 and curve[0] == pytest.approx(r["loss"]["stage1"], rel=1e-3)
-    assert curve[-1] < 0.95 * curve[0] and curve.argmin() > 0, curve
+    assert (np.diff(curve) < 0).all() and curve[-1] < 0.95 * curve[0], curve
     m = r["metrics"]
     assert m["published"]["feature loss"] == pytest.approx(curve[-1], rel=1e-5)
     # (Whether stage 2 gains in pixels is tested on lesson 06's 16 images: the gain varies much per image.)
