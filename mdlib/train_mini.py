@@ -73,6 +73,11 @@ class TrainMiniConfig:
             (diffusers' ``addition_embed_type="text"``), as Imagen does: a global path for what the caption
             says about the whole image (background, colours). SD v1-4 conditions by cross-attention only; the
             cross-attention is still there and still what the lessons' c feeds.
+        unet_ema: decay of an exponential moving average of the UNet's weights, which is what is saved (0: the
+            last weights). The average is over the last ~1 / (1 - decay) steps, with the usual warm-up of the
+            decay, min(decay, (1 + n) / (10 + n)) after n updates, so early weights fade fast. Diffusion models
+            are sampled from such an average (DDPM, SD) because the last weights carry the noise of the last
+            batches; at this short training it matters more.
         save_every: steps between checkpoints.
     """
 
@@ -87,7 +92,7 @@ class TrainMiniConfig:
     clip_steps: int = 800
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    unet_steps: int = 2900
+    unet_steps: int = 3600
     unet_batch: int = 32
     unet_lr: float = 1e-3
     uncond_prob: float = 0.1
@@ -96,6 +101,7 @@ class TrainMiniConfig:
     n_tokens: int = 15
     unet_heads: int = 2
     unet_pooled_text: bool = True
+    unet_ema: float = 0.999
     save_every: int = 250
 
 
@@ -208,15 +214,29 @@ def _schedule(steps: int, warmup: int = 100) -> Callable[[int], float]:
     return factor
 
 
+def ema_model(module: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``module``'s weights (torch's ``AveragedModel``): after n updates the
+    average moves towards the current weights by 1 - min(decay, (1 + n) / (10 + n))."""
+    from torch.optim.swa_utils import AveragedModel
+
+    def update(averaged, current, n):
+        d = min(float(decay), (1.0 + float(n)) / (10.0 + float(n)))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return AveragedModel(module, multi_avg_fn=update, use_buffers=True)
+
+
 def _loop(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, steps: int,
           loss_fn: Callable[[np.random.Generator], torch.Tensor], ckpt: Path, seed: int, save_every: int,
-          progress: bool) -> list[float]:
+          progress: bool, ema: torch.optim.swa_utils.AveragedModel | None = None) -> list[float]:
     """The shared training loop: resumes from ``ckpt``, one seeded batch generator per step (so a resumed run
     draws the same batches as an uninterrupted one), a tqdm bar, checkpoints every ``save_every`` steps (with
-    the stage's training seconds so far, summed over resumptions: :func:`stage_seconds`)."""
+    the stage's training seconds so far, summed over resumptions: :func:`stage_seconds`). With ``ema`` (an
+    :func:`ema_model` of the one module in ``modules``), it is updated after every step and checkpointed too."""
     from tqdm import tqdm
 
-    info = load_checkpoint(ckpt, modules, optimizer)
+    saved = {**modules, "ema": ema} if ema is not None else modules
+    info = load_checkpoint(ckpt, saved, optimizer)
     start, losses = (info["step"], info["losses"]) if info else (0, [])
     # Training seconds add up across resumptions (saved with each checkpoint), so the record of a resumed
     # run still says what the whole stage cost.
@@ -234,12 +254,14 @@ def _loop(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim
         torch.nn.utils.clip_grad_norm_([p for m in modules.values() for p in m.parameters()], 1.0)
         optimizer.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(next(iter(modules.values())))
         losses.append(float(loss.detach()))
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_checkpoint(ckpt, modules, optimizer, step + 1, losses,
+            save_checkpoint(ckpt, saved, optimizer, step + 1, losses,
                             {"seconds": seconds + time.perf_counter() - t_start})
     bar.close()
     for m in modules.values():
@@ -370,8 +392,12 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, means: torch.Tensor, st
         noise = torch.randn(x0.shape, generator=g)
         return diffusion_loss(unet, x0, noise, t, cond, abar, config.x0_weight_cap)
 
-    return _loop("unet", {"unet": unet}, opt, config.unet_steps, loss_fn, ckpt, config.seed, config.save_every,
-                 progress)
+    ema = ema_model(unet, config.unet_ema) if config.unet_ema > 0 else None
+    losses = _loop("unet", {"unet": unet}, opt, config.unet_steps, loss_fn, ckpt, config.seed, config.save_every,
+                   progress, ema)
+    if ema is not None:   # the averaged weights are the trained UNet
+        unet.load_state_dict(ema.module.state_dict())
+    return losses
 
 
 def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, work: str | os.PathLike | None = None,

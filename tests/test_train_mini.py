@@ -79,6 +79,57 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(pool, tmp_path, monkey
         torch.testing.assert_close(v, w, msg=k)
 
 
+def test_the_ema_follows_its_recurrence_in_float64():
+    # e_1 = w_1; e_k = d_k e_(k-1) + (1 - d_k) w_k with d_k = min(decay, k / (k + 9)) (n = k - 1 updates before).
+    net = torch.nn.Linear(3, 2).double()
+    ema = train_mini.ema_model(net, decay=0.9)
+    rng = np.random.default_rng(0)
+    ref = None
+    for k in range(1, 40):
+        w = rng.normal(size=8)
+        with torch.no_grad():
+            net.weight.copy_(torch.from_numpy(w[:6].reshape(2, 3)))
+            net.bias.copy_(torch.from_numpy(w[6:]))
+        ema.update_parameters(net)
+        d = min(0.9, k / (k + 9.0))
+        ref = w if ref is None else d * ref + (1 - d) * w
+    got = np.concatenate([ema.module.weight.detach().numpy().ravel(), ema.module.bias.detach().numpy()])
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_an_interrupted_loop_resumes_its_ema_too(tmp_path, monkeypatch):
+    def run(folder, die_after_first_save=False):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+        ema = train_mini.ema_model(net, 0.5)
+
+        def loss_fn(rng):
+            return (net(torch.from_numpy(rng.normal(size=(4, 3))).float()) ** 2).mean()
+
+        train_mini._loop("unet", {"unet": net}, opt, 6, loss_fn, folder, 0, 2, False, ema)
+        return net, ema
+
+    straight_net, straight_ema = run(tmp_path / "a")
+    real_save = train_mini.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mini, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(train_mini, "save_checkpoint", real_save)
+    assert (tmp_path / "b" / "ema.safetensors").is_file()
+    net, ema = run(tmp_path / "b")
+    assert int(ema.n_averaged) == 6
+    # The average differs from the last weights, and both equal an uninterrupted run's.
+    assert not torch.allclose(ema.module.weight, net.weight)
+    torch.testing.assert_close(ema.module.weight, straight_ema.module.weight)
+    torch.testing.assert_close(net.weight, straight_net.weight)
+
+
 def test_the_vae_learns(pool, tmp_path):
     cfg = train_mini.TrainMiniConfig(vae_steps=40, vae_batch=8, vae_lr=2e-3, save_every=100)
     losses = train_mini.train_vae(_vae(), pool, cfg, tmp_path / "vae", progress=False)
