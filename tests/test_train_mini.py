@@ -156,6 +156,16 @@ def test_train_mini_writes_a_loadable_model_folder(tmp_path, monkeypatch):
     marker = models._read_marker(tmp_path / "trained")
     assert marker["trained"] is True and "train_mini" in marker["note"]
     assert (tmp_path / "trained.work" / "unet" / "state.json").is_file()
+    # The saved UNet is the moving average of its weights (checkpointed beside them), not the last weights.
+    from safetensors.torch import load_file
+
+    ema = load_file(str(tmp_path / "trained.work" / "unet" / "ema.safetensors"))
+    last = load_file(str(tmp_path / "trained.work" / "unet" / "unet.safetensors"))
+    saved = sd.unet.state_dict()
+    assert int(ema["n_averaged"]) == cfg.unet_steps
+    for k, v in saved.items():
+        torch.testing.assert_close(v, ema[f"module.{k}"], msg=k)
+    assert any(not torch.equal(v, last[k]) for k, v in saved.items())
     # Quality on held-out scenes: PSNR as scikit-image computes it; retrieval fractions in [0, 1].
     from skimage.metrics import peak_signal_noise_ratio
 
