@@ -44,6 +44,32 @@ def image_grid(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] 
     return fig
 
 
+def mark_placement(fig, images: Sequence[np.ndarray] | np.ndarray, color: str = "white"):
+    """Mark, on each image of an :func:`image_grid` figure (``fig.axes`` in the order of ``images``), where its
+    objects are and which way they point (:func:`mdlib.placement.placement`, lesson 06): a cross at their
+    centroid and, where the mask is elongated (>= :data:`mdlib.placement.MIN_ELONGATION`), a line along its
+    principal axis, a third of the image long. Returns the (n, 4) array of (x, y, angle, elongation)."""
+    import matplotlib.patheffects as pe
+
+    from mdlib import placement
+
+    p = placement.placement(np.asarray(images))
+    outline = [pe.withStroke(linewidth=3, foreground="black")]
+    for ax, img, x, y, angle, elong in zip(fig.axes, images, p.x, p.y, p.angle, p.elongation):
+        if not np.isfinite(x):
+            continue
+        h, w = np.asarray(img).shape[:2]
+        cx, cy = x * w - 0.5, y * h - 0.5          # imshow puts pixel k's centre at k
+        ax.plot([cx], [cy], marker="+", ms=9, mew=2, color=color, path_effects=outline)
+        if elong >= placement.MIN_ELONGATION:
+            # Screen angles are counter-clockwise and image rows grow downwards: dy = -sin.
+            dx, dy = np.cos(np.deg2rad(angle)) * w / 6, -np.sin(np.deg2rad(angle)) * h / 6
+            ax.plot([cx - dx, cx + dx], [cy - dy, cy + dy], lw=2, color=color, path_effects=outline)
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+    return np.stack([p.x, p.y, p.angle, p.elongation], axis=1)
+
+
 def roi_map(labels_img, anat, title: str | None = None, cut_coords=None, display_mode: str = "ortho",
             cmap: str = "tab20", **kwargs):
     """An ROI label volume (int, 0/-1 = none) over the subject's anatomy, with nilearn's ``plot_roi``."""

@@ -397,9 +397,30 @@ def test_lesson_06_shows_the_papers_ablation_on_the_trained_mini_world(lesson06_
     ab = r["ablation"]
     for m in ("PixCorr", "SSIM"):
         assert ab["full"][m] > ab["without control"][m], m
+    # Layout, measured directly (mdlib.placement, itself tested against rendered shapes): the recorded errors are
+    # those of the saved images, recomputed here from the PNGs and independently of the lesson's arrays.
+    from mdlib import pipeline, placement
+
+    lay = r["placement"]
+    assert set(lay) == {*pipeline.CONDITIONS, "another test image"}
+    ids = r["nsd_ids"]
+    with StimulusReader(mini_root) as reader:
+        stim16, others = reader.read(ids), reader.read(r["other_image_ids"])
+    for cond in pipeline.CONDITIONS:
+        imgs = _read_pngs(Path(r["image_dirs"][cond]), ids)
+        assert lay[cond]["position_error"] == pytest.approx(np.nanmean(placement.position_error(imgs, stim16)))
+        assert lay[cond]["axis_error"] == pytest.approx(np.nanmean(placement.axis_error(imgs, stim16)))
+    chance = lay["another test image"]["position_error"]
+    assert chance == pytest.approx(np.nanmean(placement.position_error(others, stim16)))
+    # The lesson's reading: the true latent keeps where the objects are (the img2img ceiling), the decoded one
+    # keeps part of it, far from chance; text-to-image from c alone (without z) is nearer chance.
+    assert lay["true (z, c)"]["position_error"] < 0.5 * lay["without control"]["position_error"]
+    assert lay["without control"]["position_error"] < chance - 0.05
+    assert lay["without z"]["position_error"] > lay["without control"]["position_error"]
     # And the course summary carries these numbers.
     flat = (out / "summary.csv").read_text()
     assert "06_evaluation.stage1_all.without control.AlexNet(2)," in flat
+    assert "06_evaluation.placement.full.position_error," in flat
 
 
 def test_course_writes_executed_notebooks_and_summary(lesson06_run):

@@ -1,10 +1,12 @@
-"""mdlib.viz.image_grid: the caller's line breaks are kept, and long titles stay clear of the row above."""
+"""mdlib.viz: image_grid keeps the caller's line breaks and long titles clear of the row above; mark_placement
+draws each image's centroid and axis where they are."""
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from mdlib import viz  # noqa: E402
 
@@ -29,3 +31,20 @@ def test_image_grid_keeps_line_breaks_and_keeps_long_titles_clear_of_the_row_abo
     # images are square and as wide as `size` inches (less a small gap)
     w, h = axes[0].get_position().width * fig.get_figwidth(), axes[0].get_position().height * fig.get_figheight()
     assert abs(w - h) < 1e-9 and 1.4 < w <= 1.5
+
+
+def test_mark_placement_draws_the_centroid_and_the_axis_of_each_image():
+    from mdlib.synth import scenes
+
+    bar = scenes.render(scenes.Scene((scenes.SceneObject("bar", "red", 0.25, 0.75, 0.36, 45),)), size=64)
+    circle = scenes.render(scenes.Scene((scenes.SceneObject("circle", "blue", 0.7, 0.3, 0.3),)), size=64)
+    flat = np.full((64, 64, 3), 128, np.uint8)
+    fig = viz.image_grid([bar, circle, flat], ncols=3)
+    got = viz.mark_placement(fig, [bar, circle, flat])
+    np.testing.assert_allclose(got[:2, :2], [[0.25, 0.75], [0.7, 0.3]], atol=0.01)
+    lines = [ax.get_lines() for ax in fig.axes]
+    assert [len(x) for x in lines] == [2, 1, 0]                    # the circle has no axis, the flat image nothing
+    cross = lines[0][0].get_xydata()[0]
+    np.testing.assert_allclose(cross, [0.25 * 64 - 0.5, 0.75 * 64 - 0.5], atol=0.7)
+    (x0, y0), (x1, y1) = lines[0][1].get_xydata()
+    assert np.degrees(np.arctan2(-(y1 - y0), x1 - x0)) % 180 == pytest.approx(45, abs=2)   # rising to the right
