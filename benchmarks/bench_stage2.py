@@ -6,7 +6,7 @@ Prints markdown tables (paste them into benchmarks/README.md). Not a test: timin
     python benchmarks/bench_stage2.py            # full: about 40 min on 2 CPU cores
     python benchmarks/bench_stage2.py --quick    # the same code paths at small sizes: a few minutes
 
-Parts (``--parts``, default all three):
+Parts (``--parts``, default all four):
 
 1. ``memory``: one iteration of the published objective (sampler -> VAE decoder -> CLIP features -> loss,
    then the backward pass into z) for 5, 10, 20 and 35 denoising steps, with and without checkpointing each
@@ -25,6 +25,10 @@ Parts (``--parts``, default all three):
    lessons' 10 iterations (lr 0.01, 0.03, 0.05, 0.1) on 16 test images, next to stage 1 and the fast mode
    (scale 4, as lesson 05): PixCorr, SSIM, the feature loss, and whether it falls at every iteration. Why
    lessons 05-06 use lr 0.05 on the mini path.
+4. ``layout``: where the objects are and which way they point (:mod:`mdlib.placement`'s position and axis
+   errors) on 16 test images: stage 1 from the true and the decoded (z, c), and the published mode (lr 0.05)
+   after 10 and 30 iterations guided by the decoded CLIP features and by the stimuli's own (the oracle).
+   Whether stage 2, as the tiny models do it, restores layout, and whether decoding is what limits it.
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ import torch
 from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0),
-            lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1))
+            lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1), layout_images=16, layout_iterations=30)
 QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,),
-             lr_images=2, lr_iterations=3, lrs=(0.01, 0.1))
+             lr_images=2, lr_iterations=3, lrs=(0.01, 0.1), layout_images=3, layout_iterations=10)
 
 
 def _rss_peak_bytes() -> int:
@@ -159,12 +163,11 @@ def part_memory(args, cfg) -> None:
 
 
 # -- part 2 -----------------------------------------------------------------------------------------------------
-def mini_inputs(args, n_images: int, source: str) -> tuple:
-    """The mini path's stage-2 inputs for subject 1's first ``n_images`` test images, with models ``source``:
-    (sd, clip, z, c, targets, seeds, scores) where scores(images) -> (PixCorr, SSIM) against the stimuli."""
-    from mdlib import decoding, metrics, models, paths, stage2
+def mini_decoded(args, n_images: int, source: str) -> tuple:
+    """The mini path's models ``source``, subject 1's decoded features (posterior mean, as the lessons), the
+    rows of its first ``n_images`` test images and their stimuli: (sd, clip, decoded, rows, stimuli)."""
+    from mdlib import decoding, models, paths
     from mdlib.nsd.stimuli import StimulusReader
-    from mdlib.sampler import image_seed
     from mdlib.synth.write import ensure_mini_nsd
 
     root = paths.data_root(args.data_root, "mini")
@@ -173,9 +176,19 @@ def mini_inputs(args, n_images: int, source: str) -> tuple:
     clip = models.load_clip_vision(source, device=args.device)
     dec = decoding.decode_features(root, 1, sd, clip, posterior="mean", progress=False)
     rows = list(range(min(n_images, len(dec.nsd_ids))))
-    ids = dec.nsd_ids[rows]
     with StimulusReader(root) as reader:
-        stim = reader.read(ids)
+        stim = reader.read(dec.nsd_ids[rows])
+    return sd, clip, dec, rows, stim
+
+
+def mini_inputs(args, n_images: int, source: str) -> tuple:
+    """The mini path's stage-2 inputs for subject 1's first ``n_images`` test images, with models ``source``:
+    (sd, clip, z, c, targets, seeds, scores) where scores(images) -> (PixCorr, SSIM) against the stimuli."""
+    from mdlib import metrics, stage2
+    from mdlib.sampler import image_seed
+
+    sd, clip, dec, rows, stim = mini_decoded(args, n_images, source)
+    ids = dec.nsd_ids[rows]
     targets = stage2.FeatureTargets.from_decoded(dec, rows, device=sd.device)
 
     def scores(images) -> tuple[float, float]:
@@ -264,10 +277,50 @@ def part_lr(args, cfg) -> None:
     print(f"\n{load()}.\n", flush=True)
 
 
+def part_layout(args, cfg) -> None:
+    """What stage 2 restores of the layout on the mini path: position and axis errors (:mod:`mdlib.placement`)
+    of stage 1 and of the published mode (lr 0.05, the lessons' mini setting) after 10 and
+    ``layout_iterations`` iterations, guided by the decoded CLIP features and by the stimuli's own (the oracle:
+    what perfect decoding of the features would give), next to PixCorr and SSIM."""
+    from mdlib import metrics, placement, stage1, stage2
+    from mdlib.sampler import image_seed
+
+    sd, clip, dec, rows, stim = mini_decoded(args, cfg["layout_images"], "tiny-trained")
+    seeds = [image_seed(i) for i in dec.nsd_ids[rows]]
+    z, c = dec.pred["z"][rows], dec.pred["c"][rows]
+    iters = cfg["layout_iterations"]
+    others = stim[np.roll(np.arange(len(rows)), 1)]
+
+    def row(name, images):
+        return (name, float(metrics.pixcorr(images, stim)), float(metrics.ssim(images, stim)),
+                float(np.nanmean(placement.position_error(images, stim))),
+                float(np.nanmean(placement.axis_error(images, stim))))
+
+    table = [row("another test image (chance)", others),
+             row("stage 1, true (z, c) (the img2img ceiling)",
+                 stage1.reconstruct(sd, dec.true["z"][rows], dec.true["c"][rows], seeds, progress=False).images),
+             row("stage 1, decoded (z, c)", stage1.reconstruct(sd, z, c, seeds, progress=False).images)]
+    for use, label in (("pred", "decoded features"), ("true", "the stimuli's own features (oracle)")):
+        print(f"  published, {label}, {iters} iterations ...", file=sys.stderr, flush=True)
+        targets = stage2.FeatureTargets.from_decoded(dec, rows, device=sd.device, use=use)
+        out = stage2.guide_published(sd, clip, z, c, targets, seeds, progress=not args.no_progress,
+                                     config=stage2.PublishedConfig(iterations=iters, lr=0.05, snapshots=(10,)))
+        for it in sorted(out.snapshots):
+            table.append(row(f"published, {label}, {it} iterations", out.snapshots[it]))
+    n_axes = int(np.isfinite(placement.axis_error(stim, stim)).sum())
+    print(f"## 4. Layout: what stage 2 restores on the mini path ({len(rows)} test images of mini-NSD subject 1, "
+          f"trained tiny models; the axis error counts the {n_axes} stimuli whose objects have an axis)\n")
+    print("| images | PixCorr | SSIM | position error (image sides) | axis error (degrees) |")
+    print("|---|---|---|---|---|")
+    for name, pc, ss, pos, axis in table:
+        print(f"| {name} | {pc:.3f} | {ss:.3f} | {pos:.3f} | {axis:.1f} |")
+    print(f"\n{load()}.\n", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, same code paths")
-    ap.add_argument("--parts", default="memory,modes,lr")
+    ap.add_argument("--parts", default="memory,modes,lr,layout")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-root", default="",
                     help="mini-NSD root (default: $MDLIB_DATA/mini-nsd, written if missing)")
@@ -294,6 +347,8 @@ def main(argv=None) -> None:
         part_modes(args, cfg)
     if "lr" in parts:
         part_lr(args, cfg)
+    if "layout" in parts:
+        part_layout(args, cfg)
 
 
 if __name__ == "__main__":

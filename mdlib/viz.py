@@ -53,7 +53,10 @@ def mark_placement(fig, images: Sequence[np.ndarray] | np.ndarray, color: str = 
 
     from mdlib import placement
 
-    p = placement.placement(np.asarray(images))
+    # One image at a time: a grid may mix sizes (stimuli beside smaller reconstructions).
+    found = [placement.placement(np.asarray(img)[None]) for img in images]
+    p = placement.Placement(*(np.concatenate([getattr(f, k) for f in found])
+                              for k in ("x", "y", "angle", "elongation", "area")))
     outline = [pe.withStroke(linewidth=3, foreground="black")]
     for ax, img, x, y, angle, elong in zip(fig.axes, images, p.x, p.y, p.angle, p.elongation):
         if not np.isfinite(x):

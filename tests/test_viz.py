@@ -37,13 +37,14 @@ def test_mark_placement_draws_the_centroid_and_the_axis_of_each_image():
     from mdlib.synth import scenes
 
     bar = scenes.render(scenes.Scene((scenes.SceneObject("bar", "red", 0.25, 0.75, 0.36, 45),)), size=64)
-    circle = scenes.render(scenes.Scene((scenes.SceneObject("circle", "blue", 0.7, 0.3, 0.3),)), size=64)
+    circle = scenes.render(scenes.Scene((scenes.SceneObject("circle", "blue", 0.7, 0.3, 0.3),)), size=96)
     flat = np.full((64, 64, 3), 128, np.uint8)
     fig = viz.image_grid([bar, circle, flat], ncols=3)
     got = viz.mark_placement(fig, [bar, circle, flat])
     np.testing.assert_allclose(got[:2, :2], [[0.25, 0.75], [0.7, 0.3]], atol=0.01)
     lines = [ax.get_lines() for ax in fig.axes]
     assert [len(x) for x in lines] == [2, 1, 0]                    # the circle has no axis, the flat image nothing
+    np.testing.assert_allclose(lines[1][0].get_xydata()[0], [0.7 * 96 - 0.5, 0.3 * 96 - 0.5], atol=1)  # its size
     cross = lines[0][0].get_xydata()[0]
     np.testing.assert_allclose(cross, [0.25 * 64 - 0.5, 0.75 * 64 - 0.5], atol=0.7)
     (x0, y0), (x1, y1) = lines[0][1].get_xydata()
