@@ -27,7 +27,7 @@ Parts (``--parts``, default all four):
    lessons 05-06 use lr 0.05 on the mini path.
 4. ``layout``: where the objects are and which way they point (:mod:`mdlib.placement`'s position and axis
    errors) on 16 test images: stage 1 from the true and the decoded (z, c), and the published mode (lr 0.05)
-   after 10 and 30 iterations guided by the decoded CLIP features and by the stimuli's own (the oracle).
+   after 10 and 20 iterations guided by the decoded CLIP features and by the stimuli's own (the oracle).
    Whether stage 2, as the tiny models do it, restores layout, and whether decoding is what limits it.
 """
 
@@ -47,7 +47,7 @@ import torch
 from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0),
-            lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1), layout_images=16, layout_iterations=30)
+            lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1), layout_images=16, layout_iterations=20)
 QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,),
              lr_images=2, lr_iterations=3, lrs=(0.01, 0.1), layout_images=3, layout_iterations=10)
 
