@@ -3,7 +3,7 @@ published mode against the fast mode on the mini path.
 
 Prints markdown tables (paste them into benchmarks/README.md). Not a test: timings depend on the machine.
 
-    python benchmarks/bench_stage2.py            # full: about 40 min on 2 CPU cores
+    python benchmarks/bench_stage2.py            # full: parts 1-2 about 40 min, parts 3-4 26 min (2 cores)
     python benchmarks/bench_stage2.py --quick    # the same code paths at small sizes: a few minutes
 
 Parts (``--parts``, default all four):
