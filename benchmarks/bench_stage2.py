@@ -250,6 +250,15 @@ def part_modes(args, cfg) -> None:
           f"{pub.cost['peak_memory_bytes'] / 2**30:.2f} GB. {load()}.\n", flush=True)
 
 
+def _print_table(columns, formats, rows) -> None:
+    """A markdown table (one format string per column), then the machine's load."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f.format(v) for f, v in zip(formats, row)) + " |")
+    print(f"\n{load()}.\n", flush=True)
+
+
 def part_lr(args, cfg) -> None:
     """The published mode's Adam learning rate on the mini path's trained models, at the mini path's iteration
     count: how far each lr gets in PixCorr, SSIM and feature loss, next to stage 1 and the fast mode."""
@@ -270,11 +279,8 @@ def part_lr(args, cfg) -> None:
                      "yes" if (np.diff(curve) < 0).all() else "no"))
     print(f"## 3. The published mode's learning rate on the mini path: {len(seeds)} test images of mini-NSD "
           f"subject 1, trained tiny models, {iters} iterations\n")
-    print("| run | PixCorr | SSIM | feature loss | loss falls at every iteration |")
-    print("|---|---|---|---|---|")
-    for name, pc, ss, loss, mono in rows:
-        print(f"| {name} | {pc:.3f} | {ss:.3f} | {loss:.4f} | {mono} |")
-    print(f"\n{load()}.\n", flush=True)
+    _print_table(("run", "PixCorr", "SSIM", "feature loss", "loss falls at every iteration"),
+                 ("{}", "{:.3f}", "{:.3f}", "{:.4f}", "{}"), rows)
 
 
 def part_layout(args, cfg) -> None:
@@ -310,11 +316,8 @@ def part_layout(args, cfg) -> None:
     n_axes = int(np.isfinite(placement.axis_error(stim, stim)).sum())
     print(f"## 4. Layout: what stage 2 restores on the mini path ({len(rows)} test images of mini-NSD subject 1, "
           f"trained tiny models; the axis error counts the {n_axes} stimuli whose objects have an axis)\n")
-    print("| images | PixCorr | SSIM | position error (image sides) | axis error (degrees) |")
-    print("|---|---|---|---|---|")
-    for name, pc, ss, pos, axis in table:
-        print(f"| {name} | {pc:.3f} | {ss:.3f} | {pos:.3f} | {axis:.1f} |")
-    print(f"\n{load()}.\n", flush=True)
+    _print_table(("images", "PixCorr", "SSIM", "position error (image sides)", "axis error (degrees)"),
+                 ("{}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.1f}"), table)
 
 
 def main(argv=None) -> None:
