@@ -53,15 +53,17 @@ def mark_placement(fig, images: Sequence[np.ndarray] | np.ndarray, color: str = 
 
     from mdlib import placement
 
-    # One image at a time: a grid may mix sizes (stimuli beside smaller reconstructions).
-    found = [placement.placement(np.asarray(img)[None]) for img in images]
-    p = placement.Placement(*(np.concatenate([getattr(f, k) for f in found])
-                              for k in ("x", "y", "angle", "elongation", "area")))
     outline = [pe.withStroke(linewidth=3, foreground="black")]
-    for ax, img, x, y, angle, elong in zip(fig.axes, images, p.x, p.y, p.angle, p.elongation):
+    found = []
+    for ax, img in zip(fig.axes, images):
+        # One image at a time: a grid may mix sizes (stimuli beside smaller reconstructions).
+        img = np.asarray(img)
+        p = placement.placement(img[None])
+        x, y, angle, elong = p.x[0], p.y[0], p.angle[0], p.elongation[0]
+        found.append((x, y, angle, elong))
         if not np.isfinite(x):
             continue
-        h, w = np.asarray(img).shape[:2]
+        h, w = img.shape[:2]
         cx, cy = x * w - 0.5, y * h - 0.5          # imshow puts pixel k's centre at k
         ax.plot([cx], [cy], marker="+", ms=9, mew=2, color=color, path_effects=outline)
         if elong >= placement.MIN_ELONGATION:
@@ -70,7 +72,7 @@ def mark_placement(fig, images: Sequence[np.ndarray] | np.ndarray, color: str = 
             ax.plot([cx - dx, cx + dx], [cy - dy, cy + dy], lw=2, color=color, path_effects=outline)
         ax.set_xlim(-0.5, w - 0.5)
         ax.set_ylim(h - 0.5, -0.5)
-    return np.stack([p.x, p.y, p.angle, p.elongation], axis=1)
+    return np.array(found, dtype=float).reshape(-1, 4)
 
 
 def roi_map(labels_img, anat, title: str | None = None, cut_coords=None, display_mode: str = "ortho",
