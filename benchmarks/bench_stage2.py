@@ -3,10 +3,10 @@ published mode against the fast mode on the mini path.
 
 Prints markdown tables (paste them into benchmarks/README.md). Not a test: timings depend on the machine.
 
-    python benchmarks/bench_stage2.py            # full: parts 1-2 about 40 min, parts 3-4 26 min (2 cores)
+    python benchmarks/bench_stage2.py            # full: parts 1-2 about 40 min, 3-4 26 min, 5 12 min (2 cores)
     python benchmarks/bench_stage2.py --quick    # the same code paths at small sizes: a few minutes
 
-Parts (``--parts``, default all four):
+Parts (``--parts``, default all five):
 
 1. ``memory``: one iteration of the published objective (sampler -> VAE decoder -> CLIP features -> loss,
    then the backward pass into z) for 5, 10, 20 and 35 denoising steps, with and without checkpointing each
@@ -29,6 +29,11 @@ Parts (``--parts``, default all four):
    errors) on 16 test images: stage 1 from the true and the decoded (z, c), and the published mode (lr 0.05)
    after 10 and 20 iterations guided by the decoded CLIP features and by the stimuli's own (the oracle).
    Whether stage 2, as the tiny models do it, restores layout, and whether decoding is what limits it.
+5. ``landscape``: why it does not, with the stimuli's own features as the target (the oracle) on 16 test
+   images: the loss of stage 1's image along the straight path from the decoded z to the stimulus's true z
+   (the true end has the right layout), against the loss and layout the published mode reaches (z only, and
+   z and c as in the paper's Algorithm 1), and against optimising the image's pixels directly (no sampler,
+   no VAE: what the CLIP features alone ask for).
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ import torch
 from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 
 FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0),
-            lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1), layout_images=16, layout_iterations=20)
+            lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1), layout_images=16, layout_iterations=20,
+            landscape_images=16, landscape_alphas=6, pixel_steps=200)
 QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,),
-             lr_images=2, lr_iterations=3, lrs=(0.01, 0.1), layout_images=3, layout_iterations=10)
+             lr_images=2, lr_iterations=3, lrs=(0.01, 0.1), layout_images=3, layout_iterations=10,
+             landscape_images=3, landscape_alphas=3, pixel_steps=10)
 
 
 def _rss_peak_bytes() -> int:
@@ -320,10 +327,64 @@ def part_layout(args, cfg) -> None:
                  ("{}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.1f}"), table)
 
 
+def part_landscape(args, cfg) -> None:
+    """Why stage 2 leaves the objects where stage 1 put them on the mini path. With the stimuli's own features
+    as the target, the loss of stage 1's image is followed along ``z(a) = (1 - a) z_decoded + a z_true``: at
+    a = 1 the image has the stimulus's layout. If the published mode reaches a lower loss than that end with
+    the layout unchanged, the objective itself prefers re-colouring to moving objects among the images the
+    tiny models draw. Optimising the pixels directly shows what the CLIP features alone ask for."""
+    from mdlib import features, metrics, placement, stage1, stage2
+    from mdlib.sampler import image_seed
+
+    sd, clip, dec, rows, stim = mini_decoded(args, cfg["landscape_images"], "tiny-trained")
+    seeds = [image_seed(i) for i in dec.nsd_ids[rows]]
+    z, c, z_true = dec.pred["z"][rows], dec.pred["c"][rows], dec.true["z"][rows]
+    targets = stage2.FeatureTargets.from_decoded(dec, rows, device=sd.device, use="true")
+
+    def oracle_loss(images) -> float:
+        with torch.no_grad():
+            feats = features.clip_lowlevel_features(clip, images, differentiable=False)
+            return float(targets.per_image_loss(feats).mean())
+
+    def row(name, images):
+        return (name, oracle_loss(images), float(metrics.pixcorr(images, stim)),
+                float(np.nanmean(placement.position_error(images, stim))),
+                float(np.nanmean(placement.axis_error(images, stim))))
+
+    table = []
+    for a in np.linspace(0.0, 1.0, cfg["landscape_alphas"]):
+        zz = (1.0 - a) * z + a * z_true
+        table.append(row(f"stage 1 from z({a:.1f})", stage1.reconstruct(sd, zz, c, seeds, progress=False).images))
+    start = stage1.reconstruct(sd, z, c, seeds, progress=False).images
+    for update in (("z",), ("z", "c")):
+        print(f"  published, oracle, update {update}, 10 iterations ...", file=sys.stderr, flush=True)
+        out = stage2.guide_published(sd, clip, z, c, targets, seeds, progress=not args.no_progress,
+                                     config=stage2.PublishedConfig(iterations=10, lr=0.05, update=update,
+                                                                   snapshots=()))
+        table.append(row(f"published from z(0.0), update {' and '.join(update)}, 10 iterations", out.images))
+    # The pixels themselves as the parameters (through a sigmoid, so they stay in [0, 1]), from stage 1's image.
+    x = features.to_unit_images(start, sd.device).clamp(0.01, 0.99)
+    param = torch.logit(x).clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=0.02)
+    for _ in range(cfg["pixel_steps"]):
+        loss = targets.per_image_loss(features.clip_lowlevel_features(clip, torch.sigmoid(param))).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pixels = features.to_uint8_images(torch.sigmoid(param.detach()))
+    table.append(row(f"pixels optimised directly from z(0.0)'s image, {cfg['pixel_steps']} Adam steps", pixels))
+    print(f"## 5. Why the objects stay put: the oracle objective's landscape ({len(rows)} test images of mini-NSD "
+          "subject 1, trained tiny models, published mode lr 0.05)\n")
+    print("Oracle loss: the stage-2 loss (25% best-decoded features per block, + 0.1 (1 - cos)) against the "
+          "stimuli's own CLIP features, mean over images. z(a) = (1 - a) z_decoded + a z_true, decoded c.\n")
+    _print_table(("images", "oracle loss", "PixCorr", "position error (image sides)", "axis error (degrees)"),
+                 ("{}", "{:.4f}", "{:.3f}", "{:.3f}", "{:.1f}"), table)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, same code paths")
-    ap.add_argument("--parts", default="memory,modes,lr,layout")
+    ap.add_argument("--parts", default="memory,modes,lr,layout,landscape")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-root", default="",
                     help="mini-NSD root (default: $MDLIB_DATA/mini-nsd, written if missing)")
@@ -352,6 +413,8 @@ def main(argv=None) -> None:
         part_lr(args, cfg)
     if "layout" in parts:
         part_layout(args, cfg)
+    if "landscape" in parts:
+        part_landscape(args, cfg)
 
 
 if __name__ == "__main__":
