@@ -290,6 +290,14 @@ def part_lr(args, cfg) -> None:
                  ("{}", "{:.3f}", "{:.3f}", "{:.4f}", "{}"), rows)
 
 
+def _placement_errors(images, stim) -> tuple[float, float]:
+    """Mean position error (image sides) and mean axis error (degrees) of images against the stimuli."""
+    from mdlib import placement
+
+    return (float(np.nanmean(placement.position_error(images, stim))),
+            float(np.nanmean(placement.axis_error(images, stim))))
+
+
 def part_layout(args, cfg) -> None:
     """What stage 2 restores of the layout on the mini path: position and axis errors (:mod:`mdlib.placement`)
     of stage 1 and of the published mode (lr 0.05, the lessons' mini setting) after 10 and
@@ -306,8 +314,7 @@ def part_layout(args, cfg) -> None:
 
     def row(name, images):
         return (name, float(metrics.pixcorr(images, stim)), float(metrics.ssim(images, stim)),
-                float(np.nanmean(placement.position_error(images, stim))),
-                float(np.nanmean(placement.axis_error(images, stim))))
+                *_placement_errors(images, stim))
 
     table = [row("another test image (chance)", others),
              row("stage 1, true (z, c) (the img2img ceiling)",
@@ -333,7 +340,7 @@ def part_landscape(args, cfg) -> None:
     a = 1 the image has the stimulus's layout. If the published mode reaches a lower loss than that end with
     the layout unchanged, the objective itself prefers re-colouring to moving objects among the images the
     tiny models draw. Optimising the pixels directly shows what the CLIP features alone ask for."""
-    from mdlib import features, metrics, placement, stage1, stage2
+    from mdlib import features, metrics, stage1, stage2
     from mdlib.sampler import image_seed
 
     sd, clip, dec, rows, stim = mini_decoded(args, cfg["landscape_images"], "tiny-trained")
@@ -347,15 +354,12 @@ def part_landscape(args, cfg) -> None:
             return float(targets.per_image_loss(feats).mean())
 
     def row(name, images):
-        return (name, oracle_loss(images), float(metrics.pixcorr(images, stim)),
-                float(np.nanmean(placement.position_error(images, stim))),
-                float(np.nanmean(placement.axis_error(images, stim))))
+        return (name, oracle_loss(images), float(metrics.pixcorr(images, stim)), *_placement_errors(images, stim))
 
-    table = []
-    for a in np.linspace(0.0, 1.0, cfg["landscape_alphas"]):
-        zz = (1.0 - a) * z + a * z_true
-        table.append(row(f"stage 1 from z({a:.1f})", stage1.reconstruct(sd, zz, c, seeds, progress=False).images))
-    start = stage1.reconstruct(sd, z, c, seeds, progress=False).images
+    alphas = np.linspace(0.0, 1.0, cfg["landscape_alphas"])
+    path = [stage1.reconstruct(sd, (1.0 - a) * z + a * z_true, c, seeds, progress=False).images for a in alphas]
+    table = [row(f"stage 1 from z({a:.1f})", images) for a, images in zip(alphas, path)]
+    start = path[0]  # stage 1 from the decoded z: where the pixel optimisation below begins
     for update in (("z",), ("z", "c")):
         print(f"  published, oracle, update {update}, 10 iterations ...", file=sys.stderr, flush=True)
         out = stage2.guide_published(sd, clip, z, c, targets, seeds, progress=not args.no_progress,
