@@ -65,6 +65,8 @@ def cmd_train_mini(args) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainMiniConfig)
                  if getattr(args, f.name, None) is not None}
+    if "unet_channels" in overrides:
+        overrides["unet_channels"] = tuple(overrides["unet_channels"])
     out = args.out or paths.home() / "models" / "tiny-trained"
     record = train_mini(out, TrainMiniConfig(**overrides), progress=not args.quiet)
     print(json.dumps({k: record[k] for k in ("seconds", "final_loss", "vae_scaling_factor")}, indent=2))
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None)
     for name in ("n_scenes", "vae_steps", "clip_steps", "unet_steps", "vae_batch", "clip_batch", "unet_batch"):
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    t.add_argument("--unet-channels", dest="unet_channels", type=int, nargs="+", default=None,
+                   help="the UNet's channels per resolution (default 32 64)")
     t.add_argument("--ship", action="store_true",
                    help="then measure quality and install the result as mdlib's shipped weights (mdlib/weights)")
     t.add_argument("-q", "--quiet", action="store_true")

@@ -67,6 +67,8 @@ class TrainMiniConfig:
             caption decides what is drawn; the weight lets those steps drive the learning.
         high_t_prob: probability that a timestep is drawn from the noisier half of the schedule (else uniform).
         n_tokens: caption tokens the UNet is conditioned on (the lessons' N_TOKENS, 15 as released).
+        unet_channels: the trained UNet's ``block_out_channels``, one per resolution (16x16 and 8x8 latents
+            at 64 px): the tiny build's (32, 64) by default; a multiple of 32 each (its group norm's groups).
         unet_heads: attention heads of the trained UNet's attention layers (the tiny build's 8 heads are 4 wide
             at 32 channels, which learned captions slowly and ran slowly on a CPU; 2 heads are 16 and 32 wide).
         unet_pooled_text: also add the caption's attention-pooled embedding to the UNet's timestep embedding
@@ -99,6 +101,7 @@ class TrainMiniConfig:
     x0_weight_cap: float = 20.0
     high_t_prob: float = 0.0
     n_tokens: int = 15
+    unet_channels: tuple[int, ...] = (32, 64)
     unet_heads: int = 2
     unet_pooled_text: bool = True
     unet_ema: float = 0.999
@@ -280,6 +283,11 @@ def trained_unet_config(config: TrainMiniConfig) -> dict[str, Any]:
     recipe's attention heads and, if ``unet_pooled_text``, the pooled caption embedding added to the timestep
     embedding (``addition_embed_type="text"``, pooled by ``unet_heads``-head attention)."""
     cfg = dict(models.tiny_configs(config.image_size)["unet"])
+    channels = [int(w) for w in config.unet_channels]
+    if len(channels) != len(cfg["block_out_channels"]) or any(w < 32 or w % cfg["norm_num_groups"] for w in channels):
+        raise ValueError(f"unet_channels must be {len(cfg['block_out_channels'])} multiples of "
+                         f"{cfg['norm_num_groups']}, got {tuple(config.unet_channels)}")
+    cfg["block_out_channels"] = channels
     widths = cfg["block_out_channels"] + [cfg["cross_attention_dim"]]
     if config.unet_heads < 1 or any(w % config.unet_heads for w in widths):
         raise ValueError(f"unet_heads must divide every attention width {widths}, got {config.unet_heads}")

@@ -180,7 +180,7 @@ def test_train_mini_writes_a_loadable_model_folder(tmp_path, monkeypatch):
     assert q["prompts"] == [c[0] for c in held.captions[:2]]
 
 
-def test_the_trained_unet_config_changes_only_the_heads_and_the_pooled_text_path():
+def test_the_trained_unet_config_changes_only_the_heads_the_channels_and_the_pooled_text_path():
     tiny = models.tiny_configs()["unet"]
     cfg = train_mini.trained_unet_config(train_mini.TrainMiniConfig(unet_heads=4, unet_pooled_text=False))
     assert {k for k in cfg if cfg[k] != tiny.get(k)} == {"attention_head_dim"} and cfg["attention_head_dim"] == 4
@@ -188,6 +188,12 @@ def test_the_trained_unet_config_changes_only_the_heads_and_the_pooled_text_path
     assert pooled["addition_embed_type"] == "text" and pooled["addition_embed_type_num_heads"] == 2
     with pytest.raises(ValueError, match="unet_heads must divide"):
         train_mini.trained_unet_config(train_mini.TrainMiniConfig(unet_heads=3))
+    wide = train_mini.trained_unet_config(train_mini.TrainMiniConfig(unet_channels=(64, 128), unet_pooled_text=False))
+    assert {k for k in wide if wide[k] != tiny.get(k)} == {"attention_head_dim", "block_out_channels"}
+    assert wide["block_out_channels"] == [64, 128]
+    for bad in ((32,), (32, 48), (16, 32)):   # one per resolution, multiples of the 32 norm groups
+        with pytest.raises(ValueError, match="unet_channels must be 2 multiples of 32"):
+            train_mini.trained_unet_config(train_mini.TrainMiniConfig(unet_channels=bad))
 
 
 def test_the_diffusion_loss_is_sds_noise_mse_weighted_by_clamped_inverse_snr():
@@ -254,3 +260,19 @@ def test_damaged_shipped_weights_give_an_error_naming_the_file(tmp_path):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="missing.*git checkout"):
         models.verify_weights_list(copy)
+
+
+def test_the_cli_passes_the_recipe_options_to_train_mini(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(out, config, progress=True):   # records what the CLI asked for instead of training
+        seen.update(out=out, config=config)
+        return {"seconds": {}, "final_loss": {}, "vae_scaling_factor": 1.0}
+
+    monkeypatch.setattr(train_mini, "train_mini", fake_train)
+    from mdlib import cli
+
+    assert cli.main(["train-mini", str(tmp_path / "m"), "--unet-steps", "7", "--unet-channels", "64", "128",
+                     "-q"]) == 0
+    assert seen["config"] == train_mini.TrainMiniConfig(unet_steps=7, unet_channels=(64, 128))
+    assert str(seen["out"]) == str(tmp_path / "m")
