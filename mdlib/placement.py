@@ -107,3 +107,15 @@ def axis_error(recons, stims, min_elongation: float = MIN_ELONGATION, threshold:
     diff = np.abs(a.angle - b.angle) % 180.0
     diff = np.minimum(diff, 180.0 - diff)
     return np.where(b.elongation >= float(min_elongation), diff, np.nan)
+
+
+def patch_coverage(masks: np.ndarray, grid: int) -> np.ndarray:
+    """(n, grid, grid) float in [0, 1]: the fraction of each of a ViT's ``grid`` x ``grid`` patches that
+    ``masks`` ((n, H, W) bool, e.g. :func:`object_masks`) cover, H and W multiples of ``grid`` (the patch
+    order of :meth:`mdlib.stage2.FeatureTargets.per_token_loss`'s tokens 1..grid^2, row by row)."""
+    masks = np.asarray(masks, dtype=bool)
+    n, h, w = masks.shape
+    if h % grid or w % grid:
+        raise ValueError(f"mask sides {h}x{w} must be multiples of the patch grid {grid}")
+    return masks.reshape(n, grid, h // grid, grid, w // grid).mean(axis=(2, 4))
+

@@ -106,9 +106,35 @@ class FeatureTargets:
                 diff = diff[:, mask.to(diff.device)]
             total = total + diff.reshape(len(diff), -1).mean(1)
         if self.embedding is not None and self.cos_weight:
-            emb = feats["embedding"]
-            cos = torch.nn.functional.cosine_similarity(emb, self.embedding.to(emb), dim=1)
-            total = total + self.cos_weight * (1.0 - cos)
+            total = total + self.cosine_term(feats)
+        return total
+
+    def cosine_term(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n,) ``cos_weight * (1 - cos)`` between the images' embeddings and the targets' (0 without them)."""
+        emb = feats["embedding"]
+        if self.embedding is None or not self.cos_weight:
+            return torch.zeros(len(emb), device=emb.device)
+        cos = torch.nn.functional.cosine_similarity(emb, self.embedding.to(emb), dim=1)
+        return self.cos_weight * (1.0 - cos)
+
+    def per_token_loss(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n, tokens): where in the image the block terms of :meth:`per_image_loss` come from.
+
+        Each block's masked MSE is a sum over its kept features divided by their number; this keeps the sum
+        per token (token 0 is the class token, then the patches row by row: 7 x 7 for ViT-B/32 at 224 px and
+        for the tiny CLIP), summed over the blocks. So ``per_token_loss(f).sum(1) + cosine_term(f)`` equals
+        ``per_image_loss(f)``. Used by ``benchmarks/bench_stage2.py`` (part 5) to ask whether the loss lives on
+        the objects or on the background.
+        """
+        total = 0.0
+        for name, target in self.blocks.items():
+            diff = (feats[name] - target.to(feats[name])) ** 2                   # (n, tokens, width)
+            mask = self.masks.get(name)
+            if mask is None:
+                total = total + diff.sum(-1) / diff[0].numel()
+            else:
+                m = mask.to(diff.device)
+                total = total + (diff * m).sum(-1) / m.sum()
         return total
 
 

@@ -80,3 +80,18 @@ def test_on_mini_nsd_scenes_the_mask_is_the_objects_not_the_texture():
         cover = np.max([scenes._object_coverage(o, 128, 4) for o in scene.objects], axis=0)
         assert not (mask & (cover == 0)).any(), scene
         assert mask[cover == 1].all(), scene
+
+
+def test_patch_coverage_is_the_covered_fraction_of_each_patch_row_by_row():
+    masks = np.zeros((2, 14, 14), bool)
+    masks[0, :2, :2] = True          # a quarter of the top-left patch (patches are 7 px at grid 2 on 14 px)
+    masks[1, 7:, :] = True           # the bottom row of patches
+    masks[1, 0, 13] = True           # one pixel of the top-right patch
+    cov = placement.patch_coverage(masks, grid=2)
+    ref = np.array([[[sum(masks[i, 7 * r + a, 7 * c + b] for a in range(7) for b in range(7)) / 49
+                      for c in range(2)] for r in range(2)] for i in range(2)])
+    np.testing.assert_allclose(cov, ref)
+    assert cov[0, 0, 0] == pytest.approx(4 / 49) and cov[1, 1].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="multiples of the patch grid 7"):
+        placement.patch_coverage(np.zeros((1, 128, 128), bool), grid=7)
+

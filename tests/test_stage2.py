@@ -44,6 +44,30 @@ def test_loss_is_masked_mse_plus_cosine(rng):
         assert got[i] == pytest.approx(a + b + 0.1 * (1 - cos), rel=1e-5)
 
 
+def test_the_per_token_loss_splits_the_block_terms_by_token(rng):
+    """Summed over tokens and with the cosine term added back, the split is the loss; each token's share is
+    its own masked squared errors over the kept features' count (float64 reference)."""
+    t = {"block1": torch.as_tensor(rng.normal(size=(3, 5, 4)), dtype=torch.float32),
+         "block2": torch.as_tensor(rng.normal(size=(3, 5, 4)), dtype=torch.float32)}
+    emb = torch.as_tensor(rng.normal(size=(3, 6)), dtype=torch.float32)
+    mask = torch.as_tensor(rng.random((5, 4)) < 0.4)
+    f = {k: torch.as_tensor(rng.normal(size=(3, 5, 4)), dtype=torch.float32) for k in t}
+    f["embedding"] = torch.as_tensor(rng.normal(size=(3, 6)), dtype=torch.float32)
+    for cos_weight in (0.1, 0.0):
+        targets = stage2.FeatureTargets(t, emb, masks={"block1": mask}, cos_weight=cos_weight)
+        split = targets.per_token_loss(f)
+        assert split.shape == (3, 5)
+        whole = targets.per_image_loss(f)
+        assert torch.allclose(split.sum(1) + targets.cosine_term(f), whole, rtol=1e-5)
+        m = mask.numpy()
+        for i in range(3):
+            d1 = (f["block1"][i].numpy().astype(np.float64) - t["block1"][i].numpy()) ** 2
+            d2 = (f["block2"][i].numpy().astype(np.float64) - t["block2"][i].numpy()) ** 2
+            ref = (d1 * m).sum(1) / m.sum() + d2.sum(1) / d2.size
+            np.testing.assert_allclose(split[i].numpy(), ref, rtol=1e-5)
+    assert torch.equal(stage2.FeatureTargets(t).cosine_term(f), torch.zeros(3))   # no embedding target
+
+
 def test_best_decoded_mask():
     score = np.array([0.1, 0.9, np.nan, 0.5, 0.3, 0.7, -0.2, 0.8])
     m = stage2.best_decoded_mask(score, keep=0.25)
