@@ -33,7 +33,8 @@ Parts (``--parts``, default all five):
    images: the loss of stage 1's image along the straight path from the decoded z to the stimulus's true z
    (the true end has the right layout), against the loss and layout the published mode reaches (z only, and
    z and c as in the paper's Algorithm 1), and against optimising the image's pixels directly (no sampler,
-   no VAE: what the CLIP features alone ask for).
+   no VAE: what the CLIP features alone ask for); then where that loss lives: the class token, the patches the
+   stimulus's objects touch, the other (background) patches and the cosine term.
 """
 
 from __future__ import annotations
@@ -360,12 +361,14 @@ def part_landscape(args, cfg) -> None:
     path = [stage1.reconstruct(sd, (1.0 - a) * z + a * z_true, c, seeds, progress=False).images for a in alphas]
     table = [row(f"stage 1 from z({a:.1f})", images) for a, images in zip(alphas, path)]
     start = path[0]  # stage 1 from the decoded z: where the pixel optimisation below begins
+    split = {"stage 1 from z(0.0) (decoded)": start, "stage 1 from z(1.0) (true z)": path[-1]}
     for update in (("z",), ("z", "c")):
         print(f"  published, oracle, update {update}, 10 iterations ...", file=sys.stderr, flush=True)
         out = stage2.guide_published(sd, clip, z, c, targets, seeds, progress=not args.no_progress,
                                      config=stage2.PublishedConfig(iterations=10, lr=0.05, update=update,
                                                                    snapshots=()))
         table.append(row(f"published from z(0.0), update {' and '.join(update)}, 10 iterations", out.images))
+        split[f"published, update {' and '.join(update)}, 10 iterations"] = out.images
     # The pixels themselves as the parameters (through a sigmoid, so they stay in [0, 1]), from stage 1's image.
     x = features.to_unit_images(start, sd.device).clamp(0.01, 0.99)
     param = torch.logit(x).clone().requires_grad_(True)
@@ -377,12 +380,38 @@ def part_landscape(args, cfg) -> None:
         opt.step()
     pixels = features.to_uint8_images(torch.sigmoid(param.detach()))
     table.append(row(f"pixels optimised directly from z(0.0)'s image, {cfg['pixel_steps']} Adam steps", pixels))
+    split[f"pixels, {cfg['pixel_steps']} Adam steps"] = pixels
     print(f"## 5. Why the objects stay put: the oracle objective's landscape ({len(rows)} test images of mini-NSD "
           "subject 1, trained tiny models, published mode lr 0.05)\n")
     print("Oracle loss: the stage-2 loss (25% best-decoded features per block, + 0.1 (1 - cos)) against the "
           "stimuli's own CLIP features, mean over images. z(a) = (1 - a) z_decoded + a z_true, decoded c.\n")
     _print_table(("images", "oracle loss", "PixCorr", "position error (image sides)", "axis error (degrees)"),
                  ("{}", "{:.4f}", "{:.3f}", "{:.3f}", "{:.1f}"), table)
+    _print_loss_by_region(clip, targets, stim, split)
+
+
+def _print_loss_by_region(clip, targets, stim, images_by_name: dict) -> None:
+    """Where the oracle loss lives: the class token, the patches the stimulus's objects touch, the other
+    (background) patches, and the cosine term (mean over images; the four add up to the oracle loss)."""
+    from mdlib import features, placement
+
+    grid = int(round((clip.n_tokens - 1) ** 0.5))
+    touched = placement.patch_coverage(placement.object_masks(stim, size=16 * grid), grid).reshape(len(stim), -1) > 0
+    touched = torch.as_tensor(touched)
+    rows = []
+    for name, images in images_by_name.items():
+        with torch.no_grad():
+            feats = features.clip_lowlevel_features(clip, images, differentiable=False)
+            per_token = targets.per_token_loss(feats).cpu()
+            cos = targets.cosine_term(feats).cpu()
+        patches = per_token[:, 1:]
+        rows.append((name, float(per_token[:, 0].mean()), float((patches * touched).sum(1).mean()),
+                     float((patches * ~touched).sum(1).mean()), float(cos.mean()),
+                     float((per_token.sum(1) + cos).mean())))
+    print(f"\nWhere the oracle loss lives: the {grid} x {grid} patch tokens that the stimulus's objects touch "
+          f"({float(touched.sum(1).float().mean()):.1f} of {grid * grid} on average) against the others.\n")
+    _print_table(("images", "class token", "object patches", "background patches", "0.1 (1 - cos)", "total"),
+                 ("{}", "{:.4f}", "{:.4f}", "{:.4f}", "{:.4f}", "{:.4f}"), rows)
 
 
 def main(argv=None) -> None:
