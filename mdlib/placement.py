@@ -118,4 +118,3 @@ def patch_coverage(masks: np.ndarray, grid: int) -> np.ndarray:
     if h % grid or w % grid:
         raise ValueError(f"mask sides {h}x{w} must be multiples of the patch grid {grid}")
     return masks.reshape(n, grid, h // grid, grid, w // grid).mean(axis=(2, 4))
-

@@ -94,4 +94,3 @@ def test_patch_coverage_is_the_covered_fraction_of_each_patch_row_by_row():
     assert cov[0, 0, 0] == pytest.approx(4 / 49) and cov[1, 1].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="multiples of the patch grid 7"):
         placement.patch_coverage(np.zeros((1, 128, 128), bool), grid=7)
-
