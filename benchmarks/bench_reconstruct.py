@@ -85,14 +85,12 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from mdlib import paths, reconstruct
-    from mdlib.stage2 import FastConfig, PublishedConfig
+    from mdlib import method, paths, reconstruct
 
     shard = reconstruct.Shard()
     device = reconstruct.pick_device(args.device, shard)
-    published = PublishedConfig(iterations=args.iterations, lr=reconstruct.PRESET_DEFAULTS[args.preset]["lr"],
-                                snapshots=())
-    config = reconstruct.pipeline_config(args.preset, published=published, fast=FastConfig(scale=args.fast_scale))
+    config = method.configure("mdlib", args.preset, iterations=args.iterations, snapshots=(),
+                              fast_scale=args.fast_scale)
     base = dict(subject=args.subject, preset=args.preset, data_root=args.data_root, sd_model=args.sd_model,
                 clip_model=args.clip_model, dtype=args.dtype, images=f"0..{args.images}", config=config)
     probe = reconstruct.Job(stage=2, **base)

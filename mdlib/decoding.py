@@ -7,7 +7,7 @@ feature family -> test-set predictions) and caches each family's predictions in
 training voxels and targets themselves, the method and its parameters), so a changed input can never be
 served a stale result and an interrupted run keeps the families already done.
 
-Families (``shared/METHOD.md``): ``z`` (VAE latents), ``c`` (caption embeddings, tokens 1.. only: token 0 is
+Families (docs/method.md): ``z`` (VAE latents), ``c`` (caption embeddings, tokens 1.. only: token 0 is
 constant, see :func:`mdlib.features.restore_bos`), ``clip_block1`` ... ``clip_block6`` and ``clip_embedding``
 (the structural features of stage 2).
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mdlib import features, paths
+from mdlib import features, paths, selection
 from mdlib.nsd.betas import load_betas
 from mdlib.record import write_npz_atomic
 from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
@@ -29,8 +29,12 @@ from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
 #: Bump when cached predictions change meaning.
 CACHE_VERSION = 2
 METHODS = ("ridge", "fastl2lir")
-#: The released code's FastL2LiR voxel counts per family (METHOD.md: z 3000-4000, c 125-450, CLIP 850).
-RELEASED_N_SELECT = {"z": 3000, "c": 450, "clip": 850}
+#: The released reconstruction's FastL2LiR voxel counts per family: z 4000 and c 125 (the decoders
+#: Reconstruction.py loads, lines 184 and 343; its training scripts write 3000 and 450), CLIP 850
+#: (Structural_feature_decoding.py line 149). docs/method.md, row "decoders".
+RELEASED_N_SELECT = {"z": 4000, "c": 125, "clip": 850}
+#: How test voxels are standardised: with the training images' mean and sd, or with their own (released).
+STANDARDIZE = ("train", "test")
 #: Voxels of the released code's ROI for subject 1: the mini path scales n_select by n_voxels / this.
 RELEASED_N_VOXELS = 11694
 
@@ -48,7 +52,10 @@ class Decoded:
         alpha: family -> (t,) the ridge alpha of each feature.
         cv_r2: family -> (t,) leave-one-out R^2 of each feature on the training images (``method="ridge"``;
             NaN with FastL2LiR, which cross-validates nothing): how decodable a feature is, known without
-            looking at the test set. Stage 2 keeps the best-decoded features by it (lesson 05).
+            looking at the test set.
+        score: family -> (t,) the score stage 2 selects features by (:mod:`mdlib.selection`): ``cv_r2``
+            (``select_by="loo-r2"``) or the 5-fold cross-validated ``|r|`` of the decoder
+            (``select_by="cv5-r"``, the CLIP blocks only). ``params["select_by"]`` says which.
         params: how they were made (JSON-able).
     """
 
@@ -58,7 +65,12 @@ class Decoded:
     r: dict[str, np.ndarray] = field(default_factory=dict)
     alpha: dict[str, np.ndarray] = field(default_factory=dict)
     cv_r2: dict[str, np.ndarray] = field(default_factory=dict)
+    score: dict[str, np.ndarray] = field(default_factory=dict)
     params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for fam, value in self.cv_r2.items():   # the leave-one-out R^2 is the default selection score
+            self.score.setdefault(fam, value)
 
     def __repr__(self) -> str:
         fams = ", ".join(f"{k} {tuple(v.shape[1:])} (median r {np.nanmedian(self.r[k]):.3f})" if k in self.r
@@ -87,6 +99,9 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
                     families: list[str] | None = None, roi: str = "nsdgeneral", sessions=None,
                     method: str = "ridge", alphas=DEFAULT_ALPHAS, n_select: dict[str, int] | None = None,
                     n_tokens: int = features.RELEASED_N_TOKENS, posterior: str = "sample", seed: int = 0,
+                    scale_n_select: bool = False, standardize: str = "train", n_train: int | None = None,
+                    n_captions: int | None = None,
+                    clip_resize: str = features.DEFAULT_RESIZE, select_by: str = "loo-r2",
                     device=None, cache: bool = True, progress: bool = True) -> Decoded:
     """Fit the decoders on the training images and predict the test images' features (lessons 04-06).
 
@@ -99,64 +114,98 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
         method: ``"ridge"`` (alpha per feature by leave-one-out over ``alphas``: lesson 03's) or
             ``"fastl2lir"`` (the released code's: ``n_select`` voxels per feature, alpha 0.15).
         n_select: FastL2LiR's voxels per family key ``z``/``c``/``clip`` (default: the released counts,
-            capped at the ROI's size).
-        n_tokens, posterior, seed: the targets (:func:`mdlib.features.extract_targets`).
+            capped at the ROI's size); scale_n_select: in proportion to the ROI's size (:func:`scaled_n_select`).
+        n_tokens, posterior, seed, n_captions, clip_resize: the targets (:func:`mdlib.features.extract_targets`).
+        standardize: ``"train"``: every voxel z-scored with the training images' mean and sd (lesson 03);
+            ``"test"``: the test images with their own mean and sd, as the released code does.
+        n_train: fit on the first n training images only (ascending nsdId; the released decoders fit on the
+            first 8,000 of 8,859); None: all.
+        select_by: the selection score of the CLIP blocks (:mod:`mdlib.selection`): ``"loo-r2"`` (ridge only)
+            or ``"cv5-r"`` (5 more fits per block, on consecutive fifths of the training images).
         device: where the ridge runs (None: CUDA when available).
         cache: read/write ``<data root>/mdlib_cache/decoded/``.
-    Returns :class:`Decoded`. Voxels are z-scored with the training images' mean and sd (as in lesson 03).
+    Returns :class:`Decoded` (docs/method.md, rows "voxels" to "feature selection").
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if standardize not in STANDARDIZE:
+        raise ValueError(f"standardize must be one of {STANDARDIZE}, got {standardize!r}")
+    if select_by not in selection.SCORES:
+        raise ValueError(f"select_by must be one of {selection.SCORES}, got {select_by!r}")
+    if n_train is not None and (int(n_train) != n_train or n_train < 2):
+        raise ValueError(f"n_train must be an int >= 2 or None, got {n_train!r}")
     available = family_names(sd, clip)
     families = list(available if families is None else families)
     unknown = [f for f in families if f not in available]
     if unknown:
         raise ValueError(f"cannot decode {unknown}: available from the given models: {available} "
                          f"(z and c need sd, the clip_* families need clip)")
+    if select_by == "loo-r2" and method != "ridge" and any(f.startswith("clip_block") for f in families):
+        raise ValueError(f"the {method} decoder gives no leave-one-out R^2 to select the CLIP features by: use "
+                         "select_by='cv5-r' (the released criterion)")
     betas = load_betas(data_root, subject, roi, sessions, progress=progress)
     train, test = betas.train_rows, betas.test_rows
+    if n_train is not None:
+        train = train[:int(n_train)]
     if len(train) < 2 or len(test) < 1:
         raise ValueError(f"subject {subject}: {len(train)} training and {len(test)} test images in sessions "
                          f"{betas.sessions}: too few to decode")
     X = betas.responses
     mu, sd_x = X[train].mean(0), X[train].std(0)
     sd_x[sd_x == 0] = 1.0
-    X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu) / sd_x
+    if standardize == "test":   # the released code (Reconstruction.py line 311): the test set's own statistics
+        mu_t, sd_t = X[test].mean(0), X[test].std(0)
+        sd_t[sd_t == 0] = 1.0
+        X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu_t) / sd_t
+    else:
+        X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu) / sd_x
     groups = sorted({"clip" if f.startswith("clip_") else f for f in families})
     targets = features.extract_targets(data_root, betas.nsd_ids, sd, clip, targets=groups, n_tokens=n_tokens,
-                                       posterior=posterior, seed=seed, progress=progress)
-    selects = scaled_n_select(betas.n_voxels, n_select)
+                                       posterior=posterior, seed=seed, n_captions=n_captions, resize=clip_resize,
+                                       progress=progress)
+    selects = scaled_n_select(betas.n_voxels, n_select, scale_to_roi=scale_n_select)
     x_key = _digest(X_train, X_test)
     folder = paths.cache_dir(data_root) / "decoded"
     out = Decoded(nsd_ids=betas.nsd_ids[test].copy(), pred={}, true={},
                   params={"subject": subject, "roi": betas.roi, "sessions": list(betas.sessions),
-                          "method": method, "n_tokens": n_tokens, "posterior": posterior, "seed": seed})
+                          "method": method, "n_tokens": n_tokens, "posterior": posterior, "seed": seed,
+                          "standardize": standardize, "n_train": len(train), "n_captions": n_captions,
+                          "clip_resize": clip_resize, "select_by": select_by})
     for fam in families:
         full = np.asarray(targets[fam])
         if fam == "c":
             full = np.asarray(features.drop_bos(full))
         shape = full.shape[1:]
         Y = full.reshape(len(full), -1)
+        cv5 = select_by == "cv5-r" and fam.startswith("clip_block")
         spec = {"version": CACHE_VERSION, "family": fam, "method": method, "x": x_key, "y": _digest(Y[train]),
                 "alphas": [float(a) for a in np.atleast_1d(alphas)] if method == "ridge" else None,
-                "n_select": selects["clip" if fam.startswith("clip_") else fam] if method == "fastl2lir" else None}
+                "n_select": selects["clip" if fam.startswith("clip_") else fam] if method == "fastl2lir" else None,
+                **({"select_by": "cv5-r"} if cv5 else {})}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
         path = folder / f"subj{subject:02d}_{fam}_{key}.npz"
+
+        def new_decoder(quiet: bool = False):
+            kw = {"device": device, "progress": progress and not quiet}
+            if method == "ridge":
+                return RidgeDecoder(alphas=alphas, cv="loo", **kw)
+            return RidgeDecoder.fastl2lir(n_select=spec["n_select"], **kw)
+
         if cache and path.is_file():
             with np.load(path) as f:
                 pred, alpha, cv_mse = f["pred"], f["alpha"], f["cv_mse"]
+                score = f["score"] if "score" in f.files else None
         else:
-            if method == "ridge":
-                dec = RidgeDecoder(alphas=alphas, cv="loo", device=device, progress=progress)
-            else:
-                dec = RidgeDecoder.fastl2lir(n_select=spec["n_select"], device=device, progress=progress)
+            dec = new_decoder()
             pred = np.asarray(dec.fit_predict(X_train, Y[train], X_test), dtype=np.float32)
             alpha = np.broadcast_to(np.asarray(dec.alpha_, dtype=np.float64), (Y.shape[1],)).copy()
             cv_mse = (np.full(Y.shape[1], np.nan) if dec.cv_mse_ is None
                       else np.asarray(dec.cv_mse_, dtype=np.float64))
+            score = (selection.kfold_abs_r(X_train, Y[train], lambda a, b, c: new_decoder(True).fit_predict(a, b, c))
+                     if cv5 else None)
             if cache:
                 write_npz_atomic(path, pred=pred, alpha=alpha, cv_mse=cv_mse, nsd_ids=out.nsd_ids,
-                          spec=np.array(json.dumps(spec)))
+                                 spec=np.array(json.dumps(spec)), **({} if score is None else {"score": score}))
         out.pred[fam] = pred.reshape(len(test), *shape)
         out.true[fam] = Y[test].reshape(len(test), *shape).astype(np.float32)
         out.r[fam] = pearson_per_target(Y[test], pred)
@@ -164,6 +213,7 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
         var = Y[train].astype(np.float64).var(0)
         with np.errstate(invalid="ignore", divide="ignore"):
             out.cv_r2[fam] = np.where(var > 0, 1.0 - cv_mse / np.where(var > 0, var, 1.0), np.nan)
+        out.score[fam] = out.cv_r2[fam] if score is None else np.asarray(score, dtype=np.float64)
     return out
 
 

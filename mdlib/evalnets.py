@@ -289,7 +289,7 @@ class EvalNetworks:
         from mdlib.models import normalization_stats
 
         x = to_unit_images(images, device=self.device).float()
-        x = resize_images(x, self.sizes[key], mode="bilinear").clamp(0.0, 1.0)
+        x = resize_images(x, self.sizes[key], mode="bilinear-aa").clamp(0.0, 1.0)
         mean, std = IMAGENET_STATS if NETWORKS[key].normalization == "imagenet" else \
             normalization_stats("clip")
         mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)

@@ -46,10 +46,15 @@ from mdlib.record import write_json_atomic
 CLIP_BLOCKS = (1, 2, 3, 4, 5, 6)
 #: Caption length of the released code (BOS + 13 tokens + EOS/padding); SD itself uses 77.
 RELEASED_N_TOKENS = 15
-#: Interpolation used to bring images to the CLIP input size: differentiable, antialiased when shrinking
-#: (torch ``interpolate(mode="bicubic", antialias=True)``, close to PIL's bicubic that CLIP's own
-#: preprocessing uses). No clamping, so that gradients are never cut; bicubic may overshoot [0, 1] slightly.
-CLIP_RESIZE_MODE = "bicubic"
+#: How images are brought to a network's input size (:func:`resize_images`): torch ``interpolate`` mode and
+#: antialiasing. "bicubic-aa" (the default variant's, close to PIL's bicubic that CLIP's own preprocessing
+#: uses); the released code resizes generated images with "bicubic" (``antialias=False``,
+#: Reconstruction.py line 71) and stimuli with torchvision's tensor ``Resize`` default of its time,
+#: "bilinear" without antialiasing (Structural_feature_extraction.py line 35, torchvision 0.12). All are
+#: differentiable; none clamps, so bicubic may overshoot [0, 1] slightly.
+RESIZES = {"bicubic-aa": ("bicubic", True), "bicubic": ("bicubic", False), "bilinear-aa": ("bilinear", True),
+           "bilinear": ("bilinear", False)}
+DEFAULT_RESIZE = "bicubic-aa"
 #: Target groups and the model each needs.
 GROUPS = ("z", "c", "clip")
 #: Bump when cached targets change meaning.
@@ -79,14 +84,20 @@ def to_unit_images(images: np.ndarray | torch.Tensor, device: str | torch.device
     return images.to(device) if device is not None else images
 
 
-def resize_images(images: torch.Tensor, size: int, mode: str = CLIP_RESIZE_MODE) -> torch.Tensor:
-    """Differentiable resize of (n, 3, H, W) images to (n, 3, size, size): torch ``interpolate``, antialiased
-    (matters when shrinking, e.g. 512 -> 224), computed in float32. Unchanged if already that size."""
+def resize_images(images: torch.Tensor, size: int, mode: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """Differentiable resize of (n, 3, H, W) images to (n, 3, size, size), computed in float32.
+
+    ``mode``: a key of :data:`RESIZES` (e.g. ``"bicubic-aa"``: torch ``interpolate(mode="bicubic",
+    antialias=True)``; antialiasing matters when shrinking, e.g. 512 -> 224). Unchanged if already that size.
+    """
+    if mode not in RESIZES:
+        raise ValueError(f"resize must be one of {sorted(RESIZES)}, got {mode!r}")
     if images.shape[-2:] == (size, size):
         return images
     dtype = images.dtype
-    out = F.interpolate(images.float(), size=(int(size), int(size)), mode=mode, align_corners=False,
-                        antialias=mode in ("bilinear", "bicubic"))
+    interp, antialias = RESIZES[mode]
+    out = F.interpolate(images.float(), size=(int(size), int(size)), mode=interp, align_corners=False,
+                        antialias=antialias)
     return out.to(dtype)
 
 
@@ -172,13 +183,19 @@ def _check_n_tokens(sd: SDModels, n_tokens: int) -> int:
 
 
 def caption_embeddings(sd: SDModels, captions: Sequence[Sequence[str]], n_tokens: int = RELEASED_N_TOKENS,
-                       batch_size: int = 64) -> torch.Tensor:
+                       batch_size: int = 64, n_captions: int | None = None) -> torch.Tensor:
     """c: each image's caption embeddings averaged over its captions (lesson 03).
 
-    ``captions[i]``: the captions of image i (as :func:`mdlib.nsd.stimuli.load_captions` returns them; COCO
-    has 5-7 per image). Returns (n_images, n_tokens, width) float32 on ``sd.device``: the mean over image
-    i's captions of :func:`prompt_embeddings`. Row 0 (BOS) is the same for every image.
+    ``captions[i]``: the captions of image i (as :func:`mdlib.nsd.stimuli.load_captions` returns them, in
+    the COCO file's order; COCO has 5-7 per image). ``n_captions``: use only the first n of each image (the
+    released code averages the first 5); None: all. Returns (n_images, n_tokens, width) float32 on
+    ``sd.device``: the mean over image i's captions of :func:`prompt_embeddings`. Row 0 (BOS) is the same
+    for every image.
     """
+    if n_captions is not None:
+        if int(n_captions) != n_captions or n_captions < 1:
+            raise ValueError(f"n_captions must be a positive int or None, got {n_captions!r}")
+        captions = [list(c)[:int(n_captions)] for c in captions]
     counts = [len(c) for c in captions]
     if any(n == 0 for n in counts):
         raise ValueError(f"image(s) {[i for i, n in enumerate(counts) if n == 0][:10]} have no captions")
@@ -218,21 +235,24 @@ def clip_feature_names(blocks: Sequence[int] = CLIP_BLOCKS) -> list[str]:
     return [f"block{int(b)}" for b in blocks] + ["embedding"]
 
 
-def clip_preprocess(clip: ClipVision, images: np.ndarray | torch.Tensor,
-                    normalization: str | None = None) -> torch.Tensor:
-    """Images -> the ViT's input: resized to ``clip.input_size`` (:func:`resize_images`, differentiable) and
-    normalised ``(x - mean) / std`` with CLIP's statistics (``"clip"``) or ImageNet's (``"imagenet"``);
-    None: ``clip.normalization``. Returns (n, 3, S, S) in the model's dtype on its device."""
+def clip_preprocess(clip: ClipVision, images: np.ndarray | torch.Tensor, normalization: str | None = None,
+                    resize: str = DEFAULT_RESIZE, clamp: bool = False) -> torch.Tensor:
+    """Images -> the ViT's input: clamped to [0, 1] if ``clamp`` (the released code clamps generated images,
+    which stops the gradient at saturated pixels), resized to ``clip.input_size`` (:func:`resize_images`,
+    ``resize`` a key of :data:`RESIZES`) and normalised ``(x - mean) / std`` with CLIP's statistics
+    (``"clip"``) or ImageNet's (``"imagenet"``); None: ``clip.normalization``. Returns (n, 3, S, S) in the
+    model's dtype on its device (docs/method.md, row "CLIP input")."""
     mean, std = normalization_stats(normalization or clip.normalization)
-    x = resize_images(to_unit_images(images, clip.device), clip.input_size).float()
+    x = to_unit_images(images, clip.device)
+    x = resize_images(x.clamp(0.0, 1.0) if clamp else x, clip.input_size, resize).float()
     mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return ((x - mean_t) / std_t).to(dtype=clip.dtype)
 
 
 def clip_lowlevel_features(clip: ClipVision, images: np.ndarray | torch.Tensor, differentiable: bool = True,
-                           blocks: Sequence[int] = CLIP_BLOCKS,
-                           normalization: str | None = None) -> dict[str, torch.Tensor]:
+                           blocks: Sequence[int] = CLIP_BLOCKS, normalization: str | None = None,
+                           resize: str = DEFAULT_RESIZE, clamp: bool = False) -> dict[str, torch.Tensor]:
     """The structural features of images, differentiable with respect to them (lessons 03 and 05).
 
     Args:
@@ -242,7 +262,8 @@ def clip_lowlevel_features(clip: ClipVision, images: np.ndarray | torch.Tensor, 
         differentiable: keep the autograd graph so that a loss on the features back-propagates to the images
             (stage 2); False runs under no_grad (targets).
         blocks: 1-based block numbers whose MLP output (``mlp.c_proj``) is returned.
-        normalization: ``"clip"`` / ``"imagenet"``; None: ``clip.normalization``.
+        normalization: ``"clip"`` / ``"imagenet"``; None: ``clip.normalization``. resize, clamp: how the
+            images reach the ViT's input size (:func:`clip_preprocess`).
 
     Returns ``{"block<k>": (n, n_tokens, width), ..., "embedding": (n, embed_dim)}`` float32 ((n, 50, 768) and
     (n, 512) for ViT-B/32), batch first whatever open_clip's internal layout (older versions run the
@@ -263,7 +284,7 @@ def clip_lowlevel_features(clip: ClipVision, images: np.ndarray | torch.Tensor, 
     handles = [clip.blocks[b - 1].mlp.c_proj.register_forward_hook(keep(f"block{b}")) for b in blocks]
     try:
         with torch.enable_grad() if differentiable else torch.no_grad():
-            embedding = clip.visual(clip_preprocess(clip, images, normalization))
+            embedding = clip.visual(clip_preprocess(clip, images, normalization, resize, clamp))
     finally:
         for handle in handles:
             handle.remove()
@@ -284,6 +305,7 @@ def extract_targets(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.nd
                     cache_dir: str | os.PathLike | None = None, batch_size: int = 16, chunk_size: int = 256,
                     n_tokens: int = RELEASED_N_TOKENS, posterior: str = "sample", seed: int = 0,
                     blocks: Sequence[int] = CLIP_BLOCKS, normalization: str | None = None,
+                    resize: str = DEFAULT_RESIZE, n_captions: int | None = None,
                     device: str | torch.device | None = None, progress: bool = True,
                     on_chunk: Callable[[str, int, int, bool], None] | None = None) -> dict[str, np.ndarray]:
     """The decoding targets of ``nsd_ids`` (0-based, in the order given), cached and resumable (lesson 03).
@@ -296,8 +318,9 @@ def extract_targets(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.nd
         cache_dir: None: ``<data_root>/mdlib_cache/targets``.
         batch_size: images per forward pass; chunk_size: images per cached chunk (the unit of resumption).
         n_tokens: caption length for c (15 as released, 77 as in SD). posterior, seed: for z
-            (:func:`vae_latents`; the noise of image i is seeded by (seed, nsdId)). blocks, normalization: for
-            the CLIP features (:func:`clip_lowlevel_features`).
+            (:func:`vae_latents`; the noise of image i is seeded by (seed, nsdId)). n_captions: the captions
+            averaged into c (:func:`caption_embeddings`). blocks, normalization, resize: for the CLIP features
+            (:func:`clip_lowlevel_features`).
         device: None: compute where the models are; else they are moved there first.
         progress: tqdm bars (one per target group). on_chunk: called as ``on_chunk(group, index, n_chunks,
             computed)`` after each chunk is ready (``computed`` False: read from the cache).
@@ -355,13 +378,14 @@ def extract_targets(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.nd
             data_files = layout.stimuli_sources(root) or [layout.stimuli()]
         elif group == "c":
             params = {"model": sd.fingerprint("text_encoder"), "tokenizer": sd.fingerprint("tokenizer"),
-                      "dtype": str(sd.dtype), "n_tokens": n_tokens}
-            compute = _c_computer(root, sd, n_tokens, batch_size)
+                      "dtype": str(sd.dtype), "n_tokens": n_tokens,
+                      **({} if n_captions is None else {"n_captions": int(n_captions)})}
+            compute = _c_computer(root, sd, n_tokens, batch_size, n_captions)
             data_files = [layout.stim_info("csv"), *_present_caption_files(root)]
         else:
             params = {"model": clip.fingerprint(), "dtype": str(clip.dtype), "input_size": clip.input_size,
-                      "blocks": list(blocks), "normalization": normalization, "resize": CLIP_RESIZE_MODE}
-            compute = _clip_computer(root, clip, blocks, normalization, batch_size)
+                      "blocks": list(blocks), "normalization": normalization, "resize": resize}
+            compute = _clip_computer(root, clip, blocks, normalization, resize, batch_size)
             data_files = layout.stimuli_sources(root) or [layout.stimuli()]
         spec = {"cache_version": CACHE_VERSION, "group": group, "params": params, "n": int(ids.size),
                 "nsd_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(), "chunk_size": int(chunk_size),
@@ -400,28 +424,30 @@ def _z_computer(root: Path, sd: SDModels, posterior: str, seed: int, batch_size:
     return compute
 
 
-def _c_computer(root: Path, sd: SDModels, n_tokens: int, batch_size: int):
+def _c_computer(root: Path, sd: SDModels, n_tokens: int, batch_size: int, n_captions: int | None):
     info = load_stim_info(root)
 
     def compute(chunk_ids: np.ndarray, bar: Any) -> dict[str, np.ndarray]:
         captions = load_captions(root, chunk_ids, stim_info=info)
         parts = []
         for part in _batches(len(chunk_ids), batch_size):
-            parts.append(caption_embeddings(sd, captions[part], n_tokens=n_tokens).cpu().numpy())
+            parts.append(caption_embeddings(sd, captions[part], n_tokens=n_tokens, n_captions=n_captions)
+                         .cpu().numpy())
             bar.update(part.stop - part.start)
         return {"c": np.concatenate(parts)}
 
     return compute
 
 
-def _clip_computer(root: Path, clip: ClipVision, blocks: tuple[int, ...], normalization: str, batch_size: int):
+def _clip_computer(root: Path, clip: ClipVision, blocks: tuple[int, ...], normalization: str, resize: str,
+                   batch_size: int):
     def compute(chunk_ids: np.ndarray, bar: Any) -> dict[str, np.ndarray]:
         with StimulusReader(root) as reader:
             images = reader.read(chunk_ids)
         parts: dict[str, list[np.ndarray]] = {}
         for part in _batches(len(chunk_ids), batch_size):
             feats = clip_lowlevel_features(clip, images[part], differentiable=False, blocks=blocks,
-                                           normalization=normalization)
+                                           normalization=normalization, resize=resize)
             for name, value in feats.items():
                 parts.setdefault(f"clip_{name}", []).append(value.cpu().numpy())
             bar.update(part.stop - part.start)

@@ -21,44 +21,21 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mdlib import paths
 from mdlib.sampler import SamplerConfig, image_seed
-from mdlib.stage2 import FastConfig, PublishedConfig
+
+if TYPE_CHECKING:
+    from mdlib.method import MethodConfig
 
 CONDITIONS = ("true (z, c)", "without z", "without control", "full", "fast")
 #: stage-1 folder of each stage-1 condition (lesson 04's names).
 STAGE1_FOLDERS = {"true (z, c)": "true", "without control": "decoded", "without z": "without_z"}
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Every setting of the method, with the published defaults (METHOD.md).
-
-    Attributes:
-        roi, sessions, decoder, n_tokens, posterior, seed: decoding (:func:`mdlib.decoding.decode_features`).
-        sampler: stage 1's sampler. published, fast: stage 2's two modes. keep, cos_weight: stage 2's loss.
-        batch_size: images per batch (stage 2 optimises a batch together; results do not depend on it,
-            but the published mode's saved states are per batch). save_every: published-mode state saves.
-    """
-
-    roi: str = "nsdgeneral"
-    sessions: tuple[int, ...] | None = None
-    decoder: str = "ridge"
-    n_tokens: int = 15
-    posterior: str = "sample"
-    seed: int = 0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    published: PublishedConfig = field(default_factory=PublishedConfig)
-    fast: FastConfig = field(default_factory=FastConfig)
-    keep: float = 0.25
-    cos_weight: float = 0.1
-    batch_size: int = 4
-    save_every: int = 10
 
 
 @dataclass
@@ -107,11 +84,11 @@ def common_test_ids(decoded_by_subject: dict) -> np.ndarray:
 
 
 def _settings_tag(*configs) -> str:
-    text = json.dumps([asdict(c) for c in configs], sort_keys=True, default=str)
+    text = json.dumps([c if isinstance(c, dict) else asdict(c) for c in configs], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[int], config: PipelineConfig,
+def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[int], config: MethodConfig,
                           stage1_dir: str | os.PathLike, stage2_dir: str | os.PathLike, subject: int = 0,
                           progress: bool = True) -> Reconstruction:
     """Reconstruct ``nsd_ids`` under one condition (see the module docstring) from a subject's ``decoded``.
@@ -119,7 +96,7 @@ def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[i
     Args:
         condition: one of :data:`CONDITIONS`. decoded: :func:`mdlib.decoding.decode_features`' result (with
             the CLIP families for ``"full"`` and ``"fast"``). sd, clip: the models (clip unused by stage 1).
-        nsd_ids: test images of this subject. config: :class:`PipelineConfig`.
+        nsd_ids: test images of this subject. config: :class:`mdlib.method.MethodConfig`.
         stage1_dir, stage2_dir: the subject's folders (:func:`run_folders`): images and states are saved
             there as they are done and read back on a rerun.
     """
@@ -148,8 +125,7 @@ def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[i
 
     if clip is None:
         raise ValueError(f"condition {condition!r} needs the CLIP model of stage 2")
-    targets = stage2.FeatureTargets.from_decoded(decoded, rows=rows, keep=config.keep,
-                                                 cos_weight=config.cos_weight, device=sd.device)
+    targets = config.targets(decoded, rows=rows, device=sd.device)
     images, losses, cost = [], [], {"unet_passes": 0, "unet_backward": 0, "wall_s": 0.0}
     for start in range(0, n, bs):
         part = slice(start, min(start + bs, n))
@@ -168,6 +144,6 @@ def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[i
     images = np.concatenate(images)
     mode = "published" if condition == "full" else "fast"
     settings = config.published if condition == "full" else config.fast
-    folder = stage2.save_images(Path(stage2_dir) / "images" / f"{mode}_{_settings_tag(settings, config.sampler)}",
-                                names, images)
+    tag = _settings_tag(settings, config.sampler, config.loss_kwargs())
+    folder = stage2.save_images(Path(stage2_dir) / "images" / f"{mode}_{tag}", names, images)
     return Reconstruction(condition, subject, ids, images, folder, np.concatenate(losses), cost)

@@ -64,7 +64,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,20 +74,14 @@ from mdlib import paths
 from mdlib.record import _write_atomic, to_jsonable, write_json_atomic, write_npz_atomic, write_png_atomic
 
 if TYPE_CHECKING:  # the heavy modules are imported where they are used: `mdlib info` needs no torch
-    from mdlib.pipeline import PipelineConfig
+    from mdlib.method import MethodConfig
+
+PRESETS = ("nsd", "mini")
 
 #: Bump when the layout or meaning of a run folder changes.
 FORMAT_VERSION = 1
 MODES = ("published", "fast")
 RECORD, IMAGE, OUTPUTS, SETTINGS = "record.json", "image.png", "outputs.npz", "run.json"
-#: Defaults per preset, as the lessons have them (lesson 06): models, z's posterior, published iterations.
-#: The mini path's lr is five times the released 0.01 because it runs 10 iterations instead of 300 (lesson 05).
-PRESET_DEFAULTS = {
-    "mini": {"sd_model": "tiny-trained", "clip_model": "tiny-trained", "posterior": "mean", "iterations": 10,
-             "lr": 0.05},
-    "nsd": {"sd_model": "CompVis/stable-diffusion-v1-4", "clip_model": "openai", "posterior": "sample",
-            "iterations": 300, "lr": 0.01},
-}
 
 
 # ------------------------------------------------------------------------------------------------- sharding
@@ -181,22 +175,6 @@ def select_images(test_ids: Sequence[int], spec: str = "test") -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------ job
 
-def pipeline_config(preset: str = "mini", **overrides) -> PipelineConfig:
-    """:class:`mdlib.pipeline.PipelineConfig` with the preset's posterior, published iterations and lr (as lesson
-    06), then ``overrides``: its own fields, plus ``iterations`` / ``lr`` as shortcuts."""
-    from mdlib.pipeline import PipelineConfig
-    from mdlib.stage2 import FastConfig, PublishedConfig, snapshot_iterations
-
-    base = PRESET_DEFAULTS[preset]
-    iterations = overrides.pop("iterations", None) or base["iterations"]
-    lr = overrides.pop("lr", None) or base["lr"]
-    published = overrides.pop("published", None) or PublishedConfig(
-        iterations=iterations, lr=lr, snapshots=snapshot_iterations(iterations))
-    fast = overrides.pop("fast", None) or FastConfig()
-    overrides.setdefault("posterior", base["posterior"])
-    return PipelineConfig(published=published, fast=fast, **overrides)
-
-
 @dataclass(frozen=True)
 class Job:
     """What to reconstruct and how (the arguments of ``mdlib reconstruct``).
@@ -206,10 +184,10 @@ class Job:
         mode: stage 2's ``"published"`` (backpropagation through the sampler) or ``"fast"``; ignored for stage 1.
         out: output root (``<out>/subjNN/<tag>/``). data_root, preset: the data (``paths.data_root``).
         sd_model, clip_model: model sources (empty: the preset's; :func:`mdlib.models.load_sd`).
-        clip_normalization: stage 2's CLIP input normalisation. dtype: the models' dtype (None: float32).
-        images: which test images (:func:`select_images`).
-        config: the method's settings (:func:`pipeline_config`); its ``batch_size`` is not used (one image at
-            a time), ``save_every`` is the published mode's state-saving period.
+        dtype: the models' dtype (None: float32). images: which test images (:func:`select_images`).
+        config: the method's settings, every row of docs/method.md (:func:`mdlib.method.configure`: a variant
+            on the job's preset; None: the default variant); its ``batch_size`` is not used (one image at a time), ``save_every`` is the
+            published mode's state-saving period.
     """
 
     subject: int
@@ -220,18 +198,22 @@ class Job:
     preset: str = "nsd"
     sd_model: str = ""
     clip_model: str = ""
-    clip_normalization: str = "clip"
     dtype: str | None = None
     images: str = "test"
-    config: PipelineConfig = field(default_factory=lambda: pipeline_config("nsd"))
+    config: MethodConfig | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.preset not in PRESET_DEFAULTS:
-            raise ValueError(f"preset must be one of {tuple(PRESET_DEFAULTS)}, got {self.preset!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if self.config is None:   # the default variant on the job's preset
+            object.__setattr__(self, "config", _configure("mdlib", self.preset))
+        if self.config.preset != self.preset:
+            raise ValueError(f"the job's preset is {self.preset!r} but its config was made for "
+                             f"{self.config.preset!r}: build it with mdlib.method.configure(variant, {self.preset!r})")
 
     @property
     def tag(self) -> str:
@@ -248,11 +230,11 @@ class Job:
 
     @property
     def sd_source(self) -> str:
-        return self.sd_model or PRESET_DEFAULTS[self.preset]["sd_model"]
+        return self.sd_model or self.config.sd_model
 
     @property
     def clip_source(self) -> str:
-        return self.clip_model or PRESET_DEFAULTS[self.preset]["clip_model"]
+        return self.clip_model or self.config.clip_model
 
     @property
     def families(self) -> list[str] | None:
@@ -283,7 +265,7 @@ def load_models(job: Job, device) -> tuple:
     clip = None
     if job.stage == 2:
         clip = models.load_clip_vision(job.clip_source, device=sd.device, dtype=job.dtype,
-                                       normalization=job.clip_normalization)
+                                       normalization=job.config.clip_normalization)
     return sd, clip
 
 
@@ -319,9 +301,8 @@ def decode(job: Job, sd, clip, device=None, progress: bool = True, shard: Shard 
     lock = paths.cache_dir(root) / "locks" / f"decode_subj{int(job.subject):02d}.lock"
     who = f"rank {shard.rank}: " if shard is not None and shard.world > 1 else ""
     with file_lock(lock, f"{who}waiting for another process decoding subject {job.subject} ({lock})"):
-        return decoding.decode_features(root, job.subject, sd, clip, families=job.families, roi=cfg.roi,
-                                        sessions=cfg.sessions, method=cfg.decoder, n_tokens=cfg.n_tokens,
-                                        posterior=cfg.posterior, seed=cfg.seed, device=device, progress=progress)
+        return decoding.decode_features(root, job.subject, sd, clip, families=job.families, device=device,
+                                        progress=progress, **cfg.decode_kwargs())
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -338,21 +319,21 @@ def _digest(arrays: Mapping[str, np.ndarray]) -> str:
 def run_settings(job: Job, sd, clip, decoded) -> dict:
     """What every image of a run folder shares (``run.json``): the method's settings, the models'
     fingerprints and dtype, a hash of the decoded features used and the subject's test images (sorted)."""
+    from mdlib import method
+
     cfg = job.config
     families = sorted(decoded.pred) if job.families is None else job.families
     settings = {
         "format": "mdlib.reconstruct", "version": FORMAT_VERSION, "subject": int(job.subject), "stage": job.stage,
         "mode": job.mode if job.stage == 2 else None, "seed": cfg.seed, "sampler": cfg.sampler.as_dict(),
-        "decoding": {"roi": cfg.roi, "sessions": None if cfg.sessions is None else [int(s) for s in cfg.sessions],
-                     "decoder": cfg.decoder, "n_tokens": cfg.n_tokens, "posterior": cfg.posterior},
+        "method": method.describe(cfg),
         "decoded_sha256": _digest({f: decoded.pred[f] for f in families}),
         "test_ids": [int(i) for i in np.sort(decoded.nsd_ids)],
         "models": {"unet": sd.fingerprint("unet"), "vae": sd.fingerprint("vae"),
                    "text_encoder": sd.fingerprint("text_encoder"), "dtype": str(sd.dtype).replace("torch.", "")},
     }
     if job.stage == 2:
-        settings["stage2"] = {"mode": job.mode, "keep": cfg.keep, "cos_weight": cfg.cos_weight,
-                              "clip_normalization": job.clip_normalization,
+        settings["stage2"] = {"mode": job.mode, **cfg.loss_kwargs(), "clip_normalization": cfg.clip_normalization,
                               **dataclasses.asdict(cfg.published if job.mode == "published" else cfg.fast)}
         settings["models"]["clip"] = clip.fingerprint()
     return json.loads(json.dumps(to_jsonable(settings)))
@@ -436,8 +417,7 @@ def reconstruct_image(job: Job, sd, clip, decoded, row: int, seed: int, state_di
                 "peak_memory_bytes": stage2._peak_memory(sd.device)}
         image = out.images[0]
     else:
-        targets = stage2.FeatureTargets.from_decoded(decoded, rows=part, keep=cfg.keep, cos_weight=cfg.cos_weight,
-                                                     device=sd.device)
+        targets = cfg.targets(decoded, rows=part, device=sd.device)
         for name, t in targets.blocks.items():
             _check_finite(f"decoded CLIP {name}", t.cpu().numpy())
         kw = dict(sampler_config=cfg.sampler, progress=progress)
@@ -729,8 +709,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'test' (every test image) or N..M: positions N (included) to M (excluded) among the "
                         "subject's test images sorted by nsdId, e.g. 0..100")
     p.add_argument("--out", default="", help="output root (default: $MDLIB_DATA/runs/reconstruct/<preset>)")
-    p.add_argument("--preset", choices=tuple(PRESET_DEFAULTS), default="nsd",
+    p.add_argument("--preset", choices=PRESETS, default="nsd",
                    help="nsd: the real NSD, SD v1-4, CLIP ViT-B/32 (default); mini: mini-NSD and the tiny models")
+    p.add_argument("--variant", choices=("mdlib", "released", "paper"), default="mdlib",
+                   help="the method: mdlib (this course's choices, default), released (the authors' code) or "
+                        "paper (Algorithm 1); every row in docs/method.md. The options below change single rows")
     p.add_argument("--data-root", default="", help="dataset root (default: from the preset and $MDLIB_DATA)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda:$LOCAL_RANK when CUDA is available, else cpu)")
@@ -750,53 +733,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("sharding (default: from torchrun / accelerate / SLURM environment variables)")
     s.add_argument("--rank", type=int, default=None)
     s.add_argument("--world-size", type=int, default=None)
-    m = p.add_argument_group("the method (defaults: the published settings, METHOD.md; as lesson 06)")
+    m = p.add_argument_group("single rows of the method (default: the variant's; docs/method.md)")
     m.add_argument("--sd-model", default="", help="default: CompVis/stable-diffusion-v1-4 (nsd), tiny-trained (mini)")
     m.add_argument("--clip-model", default="", help="default: openai ViT-B/32 (nsd), tiny-trained (mini)")
-    m.add_argument("--clip-normalization", choices=("clip", "imagenet"), default="clip")
-    m.add_argument("--roi", default="nsdgeneral")
+    m.add_argument("--clip-normalization", choices=("clip", "imagenet"), default=None)
+    m.add_argument("--roi", default=None)
     m.add_argument("--last-session", type=int, default=0, help="sessions 1..N (0: all)")
-    m.add_argument("--decoder", choices=("ridge", "fastl2lir"), default="ridge")
-    m.add_argument("--n-tokens", type=int, default=15)
+    m.add_argument("--decoder", choices=("ridge", "fastl2lir"), default=None)
+    m.add_argument("--select-by", choices=("loo-r2", "cv5-r"), default=None,
+                   help="stage 2's feature selection score (FastL2LiR needs cv5-r)")
+    m.add_argument("--n-tokens", type=int, default=None)
     m.add_argument("--posterior", choices=("sample", "mean"), default=None, help="default: sample (nsd), mean (mini)")
-    m.add_argument("--seed", type=int, default=0)
-    for name, default in (("num_steps", 50), ("noise_index", 37), ("denoise_steps", 35)):
-        m.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default)
-    m.add_argument("--guidance-scale", type=float, default=5.0)
-    m.add_argument("--eta", type=float, default=0.0)
-    m.add_argument("--keep", type=float, default=0.25, help="stage 2: share of features per block in the loss")
-    m.add_argument("--cos-weight", type=float, default=0.1)
+    m.add_argument("--seed", type=int, default=None)
+    for name in ("num_steps", "noise_index", "denoise_steps"):
+        m.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
+    m.add_argument("--guidance-scale", type=float, default=None)
+    m.add_argument("--eta", type=float, default=None)
+    m.add_argument("--keep", type=float, default=None, help="stage 2: share of features per block in the loss")
+    m.add_argument("--loss", choices=("mdlib", "released", "paper"), default=None, help="stage 2's loss")
+    m.add_argument("--cos-weight", type=float, default=None, help="the mdlib loss's weight of (1 - cosine)")
     m.add_argument("--iterations", type=int, default=None, help="published mode (default: 300 nsd, 10 mini)")
-    m.add_argument("--lr", type=float, default=None, help="published mode's Adam lr (default: 0.01 nsd, 0.05 mini)")
-    m.add_argument("--gamma", type=float, default=0.999)
-    m.add_argument("--update", default="z", help="published mode: z (released code) or z,c (the paper)")
-    m.add_argument("--save-every", type=int, default=10, help="published mode: iterations between saved states")
-    m.add_argument("--fast-scale", type=float, default=4.0, help="fast mode's guidance step (lesson 05's 4.0)")
+    m.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="published mode's optimiser")
+    m.add_argument("--lr", type=float, default=None, help="published mode's lr (default: 0.01 nsd, 0.05 mini)")
+    m.add_argument("--gamma", type=float, default=None)
+    m.add_argument("--update", default=None, help="published mode: z (released code) or z,c (the paper)")
+    m.add_argument("--fresh-noise", choices=("yes", "no"), default=None,
+                   help="published mode: new sampler noise at every iteration (released, paper) or not (mdlib)")
+    m.add_argument("--save-every", type=int, default=None, help="published mode: iterations between saved states")
+    m.add_argument("--fast-scale", type=float, default=None, help="fast mode's guidance step (lesson 05's 4.0)")
     m.add_argument("--fast-eps-constant", action="store_true",
                    help="fast mode: hold the noise estimate constant (no backward pass through the UNet)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def job_from_args(args: argparse.Namespace) -> Job:
-    from mdlib.sampler import SamplerConfig
-    from mdlib.stage2 import FastConfig, PublishedConfig, snapshot_iterations
+def _configure(variant: str = "mdlib", preset: str = "nsd", **overrides) -> MethodConfig:
+    from mdlib.method import configure
 
+    return configure(variant, preset, **overrides)
+
+
+def job_from_args(args: argparse.Namespace) -> Job:
     if args.stage == 1 and args.mode is not None:
         raise ValueError("--mode is for stage 2")
-    iterations = args.iterations or PRESET_DEFAULTS[args.preset]["iterations"]
-    lr = args.lr or PRESET_DEFAULTS[args.preset]["lr"]
-    config = pipeline_config(
-        args.preset, roi=args.roi, sessions=tuple(range(1, args.last_session + 1)) if args.last_session else None,
-        decoder=args.decoder, n_tokens=args.n_tokens, seed=args.seed, keep=args.keep, cos_weight=args.cos_weight,
-        save_every=args.save_every, **({"posterior": args.posterior} if args.posterior else {}),
-        sampler=SamplerConfig(num_steps=args.num_steps, noise_index=args.noise_index,
-                              denoise_steps=args.denoise_steps, guidance_scale=args.guidance_scale, eta=args.eta),
-        published=PublishedConfig(iterations=iterations, lr=lr, gamma=args.gamma,
-                                  update=tuple(args.update.split(",")), snapshots=snapshot_iterations(iterations)),
-        fast=FastConfig(scale=args.fast_scale, through_unet=not args.fast_eps_constant))
+    rows = {name: getattr(args, name) for name in (
+        "roi", "decoder", "select_by", "n_tokens", "posterior", "seed", "num_steps", "noise_index", "denoise_steps",
+        "guidance_scale", "eta", "keep", "loss", "cos_weight", "iterations", "optimizer", "lr", "gamma", "update",
+        "save_every", "clip_normalization")}
+    rows["sessions"] = tuple(range(1, args.last_session + 1)) if args.last_session else None
+    rows["fresh_noise"] = None if args.fresh_noise is None else args.fresh_noise == "yes"
+    rows["fast_scale"] = args.fast_scale
+    rows["fast_through_unet"] = False if args.fast_eps_constant else None
+    config = _configure(args.variant, args.preset, **rows)
     return Job(subject=args.subject, stage=args.stage, mode=args.mode or "published", out=args.out,
                data_root=args.data_root, preset=args.preset, sd_model=args.sd_model, clip_model=args.clip_model,
-               clip_normalization=args.clip_normalization, dtype=args.dtype, images=args.images, config=config)
+               dtype=args.dtype, images=args.images, config=config)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ over images and Adam works element-wise, so a batch gives what separate runs wou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import resource
@@ -44,39 +45,70 @@ from mdlib import features
 from mdlib.models import ClipVision, SDModels
 from mdlib.record import write_json_atomic, write_npz_atomic, write_png_atomic
 from mdlib.sampler import DDIMSampler, SamplerConfig, draw_noise, generators
+from mdlib.selection import RELEASED_KEEP, best_decoded_mask
 
-#: The released code's share of features kept per layer (the best decoded).
-RELEASED_KEEP = 0.25
-#: The released code's weight of (1 - cosine) on the image embedding.
+#: The released code's weight of (1 - cosine) on the image embedding (``0.1 * loss_CLIP_weight`` there).
 RELEASED_COS_WEIGHT = 0.1
+#: The released loss's extra factors on blocks 1-6 (``a1`` in ``MSE_CLIP_mask``); 1 for any other block.
+RELEASED_BLOCK_FACTORS = {1: 1.5, 2: 1.2, 3: 1.0, 4: 1.0, 5: 1.0, 6: 1.0}
+#: How the block terms of the loss are reduced (docs/method.md, row "loss"):
+#: ``"mean"``: each block's mean squared error over its kept features (the default variant);
+#: ``"released"``: the released ``MSE_CLIP_mask``: per image, block weights ``a_b (1/||t_b||) / sum_j (1/||t_j||)``
+#: times the mean squared error over *all* the block's features (the unkept ones contribute 0);
+#: ``"sum"``: the sum of squared errors over the kept features (the paper's Algorithm 1, line 5).
+REDUCTIONS = ("mean", "released", "sum")
 #: Iterations at which the paper's figure shows the image.
 PAPER_SNAPSHOTS = (0, 30, 90, 180)
+#: Stage 2's optimisers: the released code's Adam, the paper's plain gradient steps.
+OPTIMIZERS = ("adam", "sgd")
 
 
 # ------------------------------------------------------------------------------------------- the loss
 
 @dataclass
 class FeatureTargets:
-    """Decoded structural features of n images and which features count (lesson 05).
+    """Decoded structural features of n images, which features count, and how the loss weighs them (lesson 05).
+
+    The loss of an image with features f (docs/method.md, row "loss")::
+
+        L = sum over blocks b of  s_b * sum over kept features of (f_b - t_b)^2   +   cos_weight (1 - cos(e, t_e))
+
+    with ``s_b = 1 / kept_b`` (``reduction="mean"``), ``1`` (``"sum"``), or, as released,
+    ``block_scale * a_b (1/||t_b||) / sum_j (1/||t_j||) / size_b`` (``"released"``; ``||t_b||`` over the kept
+    features of this image's target, ``size_b`` all of the block's features, ``a`` =
+    :data:`RELEASED_BLOCK_FACTORS`).
 
     Attributes:
         blocks: name (``block1`` ...) -> (n, tokens, width) float32 decoded features.
         embedding: (n, dim) decoded image embedding, or None (no cosine term).
         masks: name -> (tokens, width) bool: the features kept (default: all).
         cos_weight: weight of ``1 - cos(embedding)``.
+        reduction: one of :data:`REDUCTIONS`. block_scale: a factor on every block term (released:
+            ``1 - loss_CLIP_weight``).
+        resize, clamp: how a generated image reaches CLIP (:func:`mdlib.features.clip_preprocess`).
     """
 
     blocks: dict[str, torch.Tensor]
     embedding: torch.Tensor | None = None
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     cos_weight: float = RELEASED_COS_WEIGHT
+    reduction: str = "mean"
+    block_scale: float = 1.0
+    resize: str = features.DEFAULT_RESIZE
+    clamp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 
     @classmethod
     def from_decoded(cls, decoded, rows=None, keep: float = RELEASED_KEEP, cos_weight: float = RELEASED_COS_WEIGHT,
-                     device=None, use: str = "pred") -> FeatureTargets:
+                     device=None, use: str = "pred", **loss) -> FeatureTargets:
         """From :class:`mdlib.decoding.Decoded` (its ``clip_*`` families): rows (default all) of
         ``decoded.pred`` (or ``decoded.true`` with ``use="true"``, the oracle), keeping per block the ``keep``
-        fraction of features with the highest leave-one-out R^2 (:func:`best_decoded_mask`)."""
+        share of features best scored on the training images (``decoded.score``, by the rule the scores were
+        made for: :func:`mdlib.selection.best_decoded_mask`). ``loss``: ``reduction``, ``block_scale``,
+        ``resize``, ``clamp`` (see the class)."""
         src = decoded.pred if use == "pred" else decoded.true
         rows = slice(None) if rows is None else rows
         names = sorted((k[5:] for k in src if k.startswith("clip_block")), key=lambda s: int(s[5:]))
@@ -84,30 +116,23 @@ class FeatureTargets:
             raise ValueError("decoded has no clip_block* families: decode them with a CLIP model first")
         as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
         blocks = {n: as_t(src[f"clip_{n}"][rows]) for n in names}
-        masks = {n: torch.as_tensor(best_decoded_mask(decoded.cv_r2[f"clip_{n}"], keep), device=device)
+        rule = "percentile" if decoded.params.get("select_by") == "cv5-r" else "top"
+        masks = {n: torch.as_tensor(best_decoded_mask(decoded.score[f"clip_{n}"], keep, rule), device=device)
                  .reshape(blocks[n].shape[1:]) for n in names}
         emb = as_t(src["clip_embedding"][rows]) if "clip_embedding" in src else None
-        return cls(blocks=blocks, embedding=emb, masks=masks, cos_weight=cos_weight if emb is not None else 0.0)
+        return cls(blocks=blocks, embedding=emb, masks=masks, cos_weight=cos_weight if emb is not None else 0.0,
+                   **loss)
 
     def __len__(self) -> int:
         return len(next(iter(self.blocks.values())))
 
     def subset(self, rows) -> FeatureTargets:
-        return FeatureTargets({k: v[rows] for k, v in self.blocks.items()},
-                              None if self.embedding is None else self.embedding[rows], self.masks, self.cos_weight)
+        return dataclasses.replace(self, blocks={k: v[rows] for k, v in self.blocks.items()},
+                                   embedding=None if self.embedding is None else self.embedding[rows])
 
     def per_image_loss(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """(n,) loss of each image from its features (:func:`mdlib.features.clip_lowlevel_features`)."""
-        total = 0.0
-        for name, target in self.blocks.items():
-            diff = (feats[name] - target.to(feats[name])) ** 2
-            mask = self.masks.get(name)
-            if mask is not None:
-                diff = diff[:, mask.to(diff.device)]
-            total = total + diff.reshape(len(diff), -1).mean(1)
-        if self.embedding is not None and self.cos_weight:
-            total = total + self.cosine_term(feats)
-        return total
+        return self.per_token_loss(feats).sum(1) + self.cosine_term(feats)
 
     def cosine_term(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """(n,) ``cos_weight * (1 - cos)`` between the images' embeddings and the targets' (0 without them)."""
@@ -117,48 +142,52 @@ class FeatureTargets:
         cos = torch.nn.functional.cosine_similarity(emb, self.embedding.to(emb), dim=1)
         return self.cos_weight * (1.0 - cos)
 
+    def block_weights(self) -> dict[str, torch.Tensor]:
+        """name -> (n,) ``s_b``: the factor on each block's sum of squared errors over its kept features."""
+        kept = {name: (self.masks[name].sum() if name in self.masks else torch.tensor(t[0].numel()))
+                .to(t.device, torch.float32) for name, t in self.blocks.items()}
+        n = len(self)
+        if self.reduction == "mean":
+            return {name: (self.block_scale / kept[name]).expand(n) for name in self.blocks}
+        if self.reduction == "sum":
+            return {name: torch.full((n,), float(self.block_scale), device=t.device)
+                    for name, t in self.blocks.items()}
+        inv = {}
+        for name, t in self.blocks.items():  # released: 1 / ||target||, the target zero outside the mask
+            m = self.masks.get(name)
+            kept_t = t if m is None else t * m.to(t.device)
+            inv[name] = 1.0 / kept_t.reshape(n, -1).norm(dim=1).clamp_min(1e-30)
+        total = sum(inv.values())
+        return {name: self.block_scale * RELEASED_BLOCK_FACTORS.get(int(name[5:]), 1.0) * inv[name] / total
+                / t[0].numel() for name, t in self.blocks.items()}
+
     def per_token_loss(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """(n, tokens): where in the image the block terms of :meth:`per_image_loss` come from.
 
-        Each block's masked MSE is a sum over its kept features divided by their number; this keeps the sum
-        per token (token 0 is the class token, then the patches row by row: 7 x 7 for ViT-B/32 at 224 px and
-        for the tiny CLIP), summed over the blocks. So ``per_token_loss(f).sum(1) + cosine_term(f)`` equals
-        ``per_image_loss(f)``. Used by ``benchmarks/bench_stage2.py`` (part 5) to ask whether the loss lives on
-        the objects or on the background.
+        Each block's term is ``s_b`` times a sum of squared errors over kept features; this keeps that sum per
+        token (token 0 is the class token, then the patches row by row: 7 x 7 for ViT-B/32 at 224 px and for
+        the tiny CLIP), summed over the blocks. So ``per_token_loss(f).sum(1) + cosine_term(f)`` is
+        ``per_image_loss(f)``. ``benchmarks/bench_stage2.py`` (part 5) uses it to ask whether the loss lives
+        on the objects or on the background.
         """
         total = 0.0
-        for name, target in self.blocks.items():
+        for name, w in self.block_weights().items():
+            target = self.blocks[name]
             diff = (feats[name] - target.to(feats[name])) ** 2                   # (n, tokens, width)
             mask = self.masks.get(name)
-            if mask is None:
-                total = total + diff.sum(-1) / diff[0].numel()
-            else:
-                m = mask.to(diff.device)
-                total = total + (diff * m).sum(-1) / m.sum()
+            if mask is not None:
+                diff = diff * mask.to(diff.device)
+            total = total + diff.sum(-1) * w.to(diff)[:, None]
         return total
 
 
-def best_decoded_mask(score: np.ndarray, keep: float = RELEASED_KEEP) -> np.ndarray:
-    """(t,) bool: the ``keep`` fraction of features with the highest score (NaN scores: all features kept,
-    e.g. FastL2LiR gives no leave-one-out score)."""
-    score = np.asarray(score, dtype=np.float64)
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    if np.isnan(score).all() or keep == 1:
-        return np.ones(score.shape, dtype=bool)
-    k = max(1, int(round(keep * score.size)))
-    order = np.argsort(np.where(np.isnan(score), -np.inf, score), kind="stable")[::-1]
-    mask = np.zeros(score.shape, dtype=bool)
-    mask[order[:k]] = True
-    return mask
-
-
-def image_features(sd: SDModels, clip: ClipVision, latents: torch.Tensor, blocks: Sequence[str]) -> tuple:
+def image_features(sd: SDModels, clip: ClipVision, latents: torch.Tensor, targets: FeatureTargets) -> tuple:
     """Latents -> VAE decoder -> images (n, 3, S, S) in [0, 1] and their CLIP structural features, both
-    differentiable (the chain stage 2 inverts)."""
+    differentiable (the chain stage 2 inverts), brought to CLIP as ``targets`` says (resize, clamp)."""
     images = features.decode_latents(sd, latents, grad=True)
-    nums = [int(b[5:]) for b in blocks]
-    return images, features.clip_lowlevel_features(clip, images, differentiable=True, blocks=nums)
+    nums = [int(b[5:]) for b in targets.blocks]
+    return images, features.clip_lowlevel_features(clip, images, differentiable=True, blocks=nums,
+                                                   resize=targets.resize, clamp=targets.clamp)
 
 
 def render_loss(sd: SDModels, clip: ClipVision, sampler: DDIMSampler, z: torch.Tensor, cond: torch.Tensor,
@@ -167,7 +196,7 @@ def render_loss(sd: SDModels, clip: ClipVision, sampler: DDIMSampler, z: torch.T
     Returns (loss, images, latents), with the autograd graph back to z and cond."""
     with torch.enable_grad():
         latents = sampler.sample(z, cond, uncond, gens, checkpoint=checkpoint)
-        images, feats = image_features(sd, clip, latents, list(targets.blocks))
+        images, feats = image_features(sd, clip, latents, targets)
         return targets.per_image_loss(feats), images, latents
 
 
@@ -240,21 +269,30 @@ def snapshot_iterations(iterations: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class PublishedConfig:
-    """The published optimisation (METHOD.md, stage 2); defaults are the released code's.
+    """The published optimisation (docs/method.md, rows "stage 2"); the variants set it
+    (:func:`mdlib.method.configure`).
 
     Attributes:
-        iterations: optimisation steps (code: up to 300; the paper's figures: 90-180).
-        lr, gamma: Adam's learning rate (0.01) and ExponentialLR's decay per iteration (0.999).
+        iterations: optimisation steps (released code: 300; the paper's figures: 90-180).
+        optimizer: ``"adam"`` (released code) or ``"sgd"`` (plain gradient steps, the paper's Algorithm 1).
+        lr, gamma: the learning rate (0.01 in both) and ExponentialLR's decay per iteration (released: 0.999;
+            1.0: constant).
+        lr_decay_first: decay the lr once before the first step, as the released loop does (it calls
+            ``scheduler.step()`` before ``optimizer.step()``: iteration k steps with ``lr gamma^(k+1)``).
         update: which inputs change: ``("z",)`` (released code) or ``("z", "c")`` (paper, Algorithm 1).
-        fresh_noise: draw new sampler noise every iteration (False: the same seeded noise each time).
+        fresh_noise: draw new sampler noise every iteration (the released code and Algorithm 1 noise z anew
+            in every iteration; False: the same seeded noise each time). Either way reproducible from the
+            image's seed: iteration k's noise is seeded by ``seed + 7919 k``.
         checkpoint: recompute each step's activations in the backward pass (memory flat in the steps).
         autocast: None, ``"bf16"`` or ``"fp16"`` (CUDA) mixed precision of the forward passes.
         snapshots: iterations whose image is kept (the paper's figure: 0, 30, 90, 180).
     """
 
     iterations: int = 300
+    optimizer: str = "adam"
     lr: float = 0.01
     gamma: float = 0.999
+    lr_decay_first: bool = False
     update: tuple[str, ...] = ("z",)
     fresh_noise: bool = False
     checkpoint: bool = True
@@ -266,6 +304,10 @@ class PublishedConfig:
             raise ValueError(f"update must be ('z',), ('c',) or ('z', 'c'), got {self.update}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
+            raise ValueError(f"need lr > 0 and 0 < gamma <= 1, got lr={self.lr}, gamma={self.gamma}")
 
 
 def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, seeds: Sequence[int], *,
@@ -293,7 +335,8 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
     z_var = z0.clone().requires_grad_("z" in config.update)
     c_var = cond0.clone().requires_grad_("c" in config.update)
     params = [p for p in (z_var, c_var) if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.lr)
+    lr0 = config.lr * (config.gamma if config.lr_decay_first else 1.0)
+    opt = torch.optim.Adam(params, lr=lr0) if config.optimizer == "adam" else torch.optim.SGD(params, lr=lr0)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
     seeds = [int(s) for s in seeds]
     evals = sampler.config.unet_evaluations(len(z0))
@@ -413,7 +456,7 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
                     with torch.set_grad_enabled(config.through_unet):   # else eps is a constant
                         eps = sampler.eps(x_in, t, cond, uncond)
                     x0 = sampler.predict_x0(x_in, eps, t)
-                    per_image = targets.per_image_loss(image_features(sd, clip, x0, list(targets.blocks))[1])
+                    per_image = targets.per_image_loss(image_features(sd, clip, x0, targets)[1])
                 grad = torch.autograd.grad(per_image.sum(), x_in)[0]
                 if config.through_unet:
                     backward += (1 if uncond is None else 2) * len(x_in)
@@ -458,7 +501,8 @@ def score_images(clip: ClipVision, targets: FeatureTargets, images) -> np.ndarra
     """(n,) feature loss of images: float (n, 3, S, S) in [0, 1] or uint8 (n, H, W, 3), e.g. the stimuli."""
     with torch.no_grad():
         feats = features.clip_lowlevel_features(clip, images, differentiable=False,
-                                                blocks=[int(b[5:]) for b in targets.blocks])
+                                                blocks=[int(b[5:]) for b in targets.blocks],
+                                                resize=targets.resize, clamp=targets.clamp)
         return targets.per_image_loss(feats).float().cpu().numpy()
 
 
@@ -476,7 +520,8 @@ def run_key(sd: SDModels, clip: ClipVision, z0: torch.Tensor, cond0: torch.Tenso
         tensors.append(targets.embedding)
     for t in tensors:
         h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
-    h.update(repr((list(targets.blocks), targets.cos_weight, [int(s) for s in seeds],
+    h.update(repr((list(targets.blocks), targets.cos_weight, targets.reduction, targets.block_scale, targets.resize,
+                   targets.clamp, [int(s) for s in seeds],
                    asdict(config) | {"snapshots": None}, sampler_config.as_dict())).encode())
     return h.hexdigest()[:24]
 

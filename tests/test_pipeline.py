@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdlib import pipeline, stage1, stage2
+from mdlib import method, pipeline, stage1, stage2
 from mdlib.decoding import Decoded
 from mdlib.sampler import SamplerConfig, image_seed
 
@@ -32,7 +32,7 @@ def decoded(sd, clip):
 
 
 def _config(**kw):
-    return pipeline.PipelineConfig(sampler=SHORT, batch_size=2, **kw)
+    return method.configure("mdlib", "nsd", **SHORT.as_dict(), batch_size=2, **kw)
 
 
 def _read(folder, ids):
@@ -57,7 +57,7 @@ def test_stage1_conditions_are_stage1_on_the_right_inputs(condition, decoded, sd
 
 
 def test_fast_condition_is_the_fast_mode_on_the_decoded_targets(decoded, sd, clip, tmp_path):
-    cfg = _config(fast=stage2.FastConfig(scale=2.0))
+    cfg = _config(fast_scale=2.0)
     out = pipeline.reconstruct_condition("fast", decoded, sd, clip, [3, 8, 15], cfg, tmp_path / "s1",
                                          tmp_path / "s2", progress=False)
     targets = stage2.FeatureTargets.from_decoded(decoded)
@@ -72,7 +72,7 @@ def test_fast_condition_is_the_fast_mode_on_the_decoded_targets(decoded, sd, cli
 
 
 def test_full_condition_resumes_from_its_saved_states(decoded, sd, clip, tmp_path, monkeypatch):
-    cfg = _config(published=stage2.PublishedConfig(iterations=2, snapshots=(0, 2)))
+    cfg = _config(iterations=2, snapshots=(0, 2))
     args = ("full", decoded, sd, clip, [8, 15], cfg, tmp_path / "s1", tmp_path / "s2")
     first = pipeline.reconstruct_condition(*args, progress=False)
     assert len(list((tmp_path / "s2" / "published").glob("*/stage2_state.npz"))) == 1   # one batch of 2

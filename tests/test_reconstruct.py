@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdlib import cli, evaluation, metrics, reconstruct
+from mdlib import cli, evaluation, method, metrics, reconstruct
 from mdlib.reconstruct import Shard
 from mdlib.sampler import image_seed
 
@@ -185,7 +185,7 @@ def test_a_failed_image_is_recorded_and_the_others_complete(mini_root, tmp_path,
     from mdlib import stage1
 
     job = reconstruct.Job(subject=1, stage=1, out=tmp_path, data_root=mini_root, preset="mini", images="0..4",
-                          config=reconstruct.pipeline_config("mini", sampler=_short_sampler()))
+                          config=method.configure("mdlib", "mini", **_short_sampler().as_dict()))
     sd, _ = reconstruct.load_models(job, "cpu")
     decoded = reconstruct.decode(job, sd, None, device="cpu", progress=False)
     ids = list(decoded.nsd_ids[:4])
@@ -337,6 +337,6 @@ def test_image_selection_and_settings_guard(tmp_path, capsys):
         job = reconstruct.job_from_args(parser.parse_args(["--subject", "1", "--stage", "2", "--preset", preset,
                                                            *extra]))
         assert (job.config.published.lr, job.config.published.iterations) == (lr, iterations), preset
-    assert reconstruct.pipeline_config("mini").published.lr == 0.05
+    assert method.configure("mdlib", "mini").published.lr == 0.05
     assert cli.main(["reconstruct", "--subject", "1", "--stage", "1", "--mode", "fast"]) == 1
     assert "--mode is for stage 2" in capsys.readouterr().err

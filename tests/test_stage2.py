@@ -22,7 +22,8 @@ def _problem(sd, clip, n=2, seed=0, dtype=torch.float32):
     c = torch.randn(n, 14, sd.text_width, generator=g, dtype=dtype)
     with torch.no_grad():
         other = torch.randn(n, *sd.latent_shape, generator=g, dtype=dtype)
-        _, feats = stage2.image_features(sd, clip, other, [f"block{b}" for b in range(1, 7)])
+        probe = stage2.FeatureTargets({f"block{b}": torch.zeros(1) for b in range(1, 7)})
+        _, feats = stage2.image_features(sd, clip, other, probe)
     targets = stage2.FeatureTargets({f"block{b}": feats[f"block{b}"] for b in range(1, 7)}, feats["embedding"])
     return z, c, targets
 
@@ -68,14 +69,49 @@ def test_the_per_token_loss_splits_the_block_terms_by_token(rng):
     assert torch.equal(stage2.FeatureTargets(t).cosine_term(f), torch.zeros(3))   # no embedding target
 
 
-def test_best_decoded_mask():
-    score = np.array([0.1, 0.9, np.nan, 0.5, 0.3, 0.7, -0.2, 0.8])
-    m = stage2.best_decoded_mask(score, keep=0.25)
-    assert m.tolist() == [False, True, False, False, False, False, False, True]
-    assert stage2.best_decoded_mask(np.full(8, np.nan)).all()        # no score (FastL2LiR): keep everything
-    assert stage2.best_decoded_mask(score, keep=1.0).all()
-    with pytest.raises(ValueError):
-        stage2.best_decoded_mask(score, keep=0)
+def _released_loss_float64(masks, target, generated, weight):
+    """MSE_CLIP_mask of the released Reconstruction.py (lines 98-123), rewritten in float64 numpy for one image:
+    block targets are the decoded features with zeros outside the mask, the generated features are masked,
+    nn.MSELoss averages over all of a block's features; block weights 1/||target|| normalised to sum 1, times
+    (1.5, 1.2, 1, 1, 1, 1); the embedding term 0.1 * weight * (1 - cos)."""
+    layers = [k for k in target if k != "emb"]
+    norms = np.array([np.linalg.norm(target[k]) for k in layers])
+    w = (1.0 / norms) / (1.0 / norms).sum() * np.array([1.5, 1.2, 1, 1, 1, 1])[:len(layers)]
+    e, d = generated["emb"], target["emb"]
+    total = 0.1 * weight * (1.0 - e @ d / np.linalg.norm(e) / np.linalg.norm(d))
+    for k, wk in zip(layers, w):
+        total += wk * (1 - weight) * np.mean((target[k] - generated[k] * masks[k]) ** 2)
+    return total
+
+
+def test_released_loss_equals_the_released_formula(rng):
+    n, shape = 3, (6, 5)
+    t = {f"block{b}": torch.as_tensor(rng.normal(size=(n, *shape)) * b, dtype=torch.float32) for b in range(1, 7)}
+    emb = torch.as_tensor(rng.normal(size=(n, 4)), dtype=torch.float32)
+    masks = {k: torch.as_tensor(rng.random(shape) < 0.25) for k in t}
+    f = {k: torch.as_tensor(rng.normal(size=(n, *shape)), dtype=torch.float32) for k in t}
+    f["embedding"] = torch.as_tensor(rng.normal(size=(n, 4)), dtype=torch.float32)
+    for weight in (0.5, 0.2):
+        targets = stage2.FeatureTargets(t, emb, masks=masks, cos_weight=0.1 * weight, reduction="released",
+                                        block_scale=1 - weight)
+        got = targets.per_image_loss(f).numpy()
+        assert torch.allclose(targets.per_token_loss(f).sum(1) + targets.cosine_term(f), targets.per_image_loss(f))
+        for i in range(n):
+            m = {k: masks[k].numpy().astype(np.float64) for k in t}
+            target = {k: t[k][i].numpy().astype(np.float64) * m[k] for k in t} | {"emb": emb[i].numpy()}
+            gen = {k: f[k][i].numpy().astype(np.float64) for k in t} | {"emb": f["embedding"][i].numpy()}
+            assert got[i] == pytest.approx(_released_loss_float64(m, target, gen, weight), rel=1e-5)
+
+
+def test_paper_loss_is_the_summed_squared_error(rng):
+    t = {"block1": torch.as_tensor(rng.normal(size=(2, 5, 4)), dtype=torch.float32)}
+    mask = torch.as_tensor(rng.random((5, 4)) < 0.5)
+    f = {"block1": torch.as_tensor(rng.normal(size=(2, 5, 4)), dtype=torch.float32), "embedding": torch.zeros(2, 3)}
+    got = stage2.FeatureTargets(t, masks={"block1": mask}, reduction="sum", cos_weight=0.0).per_image_loss(f)
+    ref = (((f["block1"] - t["block1"]).double() ** 2) * mask).sum((1, 2))
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        stage2.FeatureTargets(t, reduction="median")
 
 
 def test_gradients_reach_z_and_c_and_checkpointing_changes_nothing(tiny_dir):
@@ -206,6 +242,11 @@ def test_from_decoded_keeps_the_best_decoded_quarter(rng):
     assert t.cos_weight == 0.1
     with pytest.raises(ValueError, match="clip_block"):
         stage2.FeatureTargets.from_decoded(Decoded(nsd_ids=np.arange(n), pred={}, true={}))
+    # scores made by the released criterion are cut by its percentile rule
+    d.params["select_by"] = "cv5-r"
+    t = stage2.FeatureTargets.from_decoded(d, keep=0.25)
+    thr = np.percentile(cv["clip_block3"], 75)
+    np.testing.assert_array_equal(t.masks["block3"].numpy().ravel(), cv["clip_block3"] >= thr)
 
 
 def test_checkpointing_keeps_memory_flat_in_the_number_of_steps(sd, clip):
