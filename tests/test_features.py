@@ -319,3 +319,25 @@ def test_extract_targets_argument_checks(sd, mini_root, tmp_path):
         features.extract_targets(mini_root, [], sd, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="n_tokens"):
         features.extract_targets(mini_root, IDS, sd, targets=("c",), n_tokens=1, cache_dir=tmp_path)
+
+
+def test_resize_modes_equal_torchvision():
+    """The released code's resizes: torchvision's tensor Resize, bicubic without antialiasing (generated images)
+    and bilinear without (stimuli, torchvision 0.12's default); and the antialiased default."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode as IM
+
+    x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    for mode, (interp, aa) in {"bicubic": (IM.BICUBIC, False), "bilinear": (IM.BILINEAR, False),
+                               "bicubic-aa": (IM.BICUBIC, True), "bilinear-aa": (IM.BILINEAR, True)}.items():
+        torch.testing.assert_close(features.resize_images(x, 56, mode), TF.resize(x, [56, 56], interp, antialias=aa))
+    with pytest.raises(ValueError, match="resize"):
+        features.resize_images(x, 56, "lanczos")
+
+
+def test_clip_preprocess_clamps_only_when_asked(clip):
+    x = torch.full((1, 3, clip.input_size, clip.input_size), 1.5)
+    mean, std = models.normalization_stats(clip.normalization)
+    clamped = features.clip_preprocess(clip, x, clamp=True)
+    assert torch.allclose(clamped[0, 0], torch.full_like(clamped[0, 0], (1.0 - mean[0]) / std[0]))
+    assert torch.allclose(features.clip_preprocess(clip, x)[0, 0], torch.full_like(clamped[0, 0], (1.5 - mean[0]) / std[0]))
