@@ -6,7 +6,7 @@ Prints markdown tables (paste them into benchmarks/README.md). Not a test: timin
     python benchmarks/bench_stage2.py            # full: parts 1-2 about 40 min, 3-4 26 min, 5 12 min (2 cores)
     python benchmarks/bench_stage2.py --quick    # the same code paths at small sizes: a few minutes
 
-Parts (``--parts``, default all five):
+Parts (``--parts``, default all six):
 
 1. ``memory``: one iteration of the published objective (sampler -> VAE decoder -> CLIP features -> loss,
    then the backward pass into z) for 5, 10, 20 and 35 denoising steps, with and without checkpointing each
@@ -35,6 +35,13 @@ Parts (``--parts``, default all five):
    z and c as in the paper's Algorithm 1), and against optimising the image's pixels directly (no sampler,
    no VAE: what the CLIP features alone ask for); then where that loss lives: the class token, the patches the
    stimulus's objects touch, the other (background) patches and the cosine term.
+6. ``variants``: the three variants of :mod:`mdlib.method` (``"mdlib"``, ``"released"``, ``"paper"``, each
+   ``configure(variant, "mini")``) end to end on 8 test images: each decodes with its own settings (ROI,
+   standardisation, decoder, feature selection, CLIP normalisation), runs stage 1 from its decoded (z, c) and
+   the published stage 2 with its own loss, optimiser and iterations (10 on the mini preset). Per variant and
+   stage: its own loss (first, last, reduction), a common yardstick (the mdlib variant's loss against the
+   mdlib-decoded targets), PixCorr, SSIM, position and axis errors, UNet passes per image and wall time. A
+   variant that fails or diverges gets its row with the failure; the others still run.
 """
 
 from __future__ import annotations
@@ -54,10 +61,10 @@ from bench_ridge import fmt_time, load, machine  # noqa: E402  (a sibling script
 
 FULL = dict(steps=(5, 10, 20, 35), batch=1, image_size=128, images=4, iterations=300, scales=(1.0, 2.0, 4.0),
             lr_images=16, lr_iterations=10, lrs=(0.01, 0.03, 0.05, 0.1), layout_images=16, layout_iterations=20,
-            landscape_images=16, landscape_alphas=6, pixel_steps=200)
+            landscape_images=16, landscape_alphas=6, pixel_steps=200, variant_images=8, variant_iterations=None)
 QUICK = dict(steps=(2, 4), batch=1, image_size=64, images=2, iterations=10, scales=(2.0,),
              lr_images=2, lr_iterations=3, lrs=(0.01, 0.1), layout_images=3, layout_iterations=10,
-             landscape_images=3, landscape_alphas=3, pixel_steps=10)
+             landscape_images=3, landscape_alphas=3, pixel_steps=10, variant_images=2, variant_iterations=2)
 
 
 def _rss_peak_bytes() -> int:
@@ -414,10 +421,144 @@ def _print_loss_by_region(clip, targets, stim, images_by_name: dict) -> None:
                  ("{}", "{:.4f}", "{:.4f}", "{:.4f}", "{:.4f}", "{:.4f}"), rows)
 
 
+# -- part 6 -----------------------------------------------------------------------------------------------------
+def _variant_models(config, device: str, loaded: dict) -> tuple:
+    """(sd, clip) for a :class:`mdlib.method.MethodConfig`, loading each model once: the SD models per
+    ``sd_model``, CLIP per (``clip_model``, ``clip_normalization``) (the variants differ in the latter)."""
+    from mdlib import models
+
+    sd_key, clip_key = ("sd", config.sd_model), ("clip", config.clip_model, config.clip_normalization)
+    if sd_key not in loaded:
+        loaded[sd_key] = models.load_sd(config.sd_model, device=device)
+    if clip_key not in loaded:
+        loaded[clip_key] = models.load_clip_vision(config.clip_model, device=device,
+                                                   normalization=config.clip_normalization)
+    return loaded[sd_key], loaded[clip_key]
+
+
+def _failure(err: BaseException) -> str:
+    """A table cell for an exception (its traceback goes to stderr)."""
+    import traceback
+
+    traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return "failed: " + (text if len(text) <= 160 else text[:157] + "...").replace("|", "/")
+
+
+def part_variants(args, cfg) -> None:
+    """The three variants of :mod:`mdlib.method` (``"mdlib"``, ``"released"``, ``"paper"``, each with the
+    ``"mini"`` preset) end to end on the mini path: each decodes with its own settings, runs stage 1 from its
+    decoded (z, c) and the published stage 2 with its own optimiser, loss and targets, on the same test images
+    and seeds. Each row gives the variant's own loss, one common yardstick (the "mdlib" variant's loss against
+    the mdlib-decoded targets, scored with the mdlib variant's CLIP), PixCorr, SSIM, layout errors and cost."""
+    from mdlib import decoding, method, metrics, paths, stage1, stage2
+    from mdlib.nsd.stimuli import StimulusReader
+    from mdlib.sampler import image_seed
+    from mdlib.synth.write import ensure_mini_nsd
+
+    root = paths.data_root(args.data_root, "mini")
+    ensure_mini_nsd(root)
+    n, loaded, table, notes = cfg["variant_images"], {}, [], []
+    ids = stim = yard = None   # set by the "mdlib" variant, which runs first
+    for variant in method.VARIANTS:
+        config = method.configure(variant, "mini")
+        if cfg["variant_iterations"]:
+            config = config.replace(iterations=cfg["variant_iterations"])
+        pub, smp = config.published, config.sampler
+        iters = pub.iterations
+        label = (f"{variant}: {config.decoder}, {config.roi}, {config.clip_normalization} normalisation, "
+                 f"loss {config.loss}, {pub.optimizer} lr {pub.lr:g} (gamma {pub.gamma:g}), update "
+                 f"{' and '.join(pub.update)}, {'fresh' if pub.fresh_noise else 'fixed'} noise")
+        notes.append(label)
+        print(f"  variant {variant}: decoding ...", file=sys.stderr, flush=True)
+        s1_row = s2_row = None
+        try:
+            sd, clip = _variant_models(config, args.device, loaded)
+            t0 = time.perf_counter()
+            dec = decoding.decode_features(root, 1, sd, clip, device=args.device, progress=False,
+                                           **config.decode_kwargs())
+            decode_wall = time.perf_counter() - t0
+            if variant == "mdlib":
+                ids = dec.nsd_ids[:n].copy()
+            if ids is None:
+                raise RuntimeError("the mdlib variant, which runs first and fixes the test images, failed")
+            where = {int(i): k for k, i in enumerate(dec.nsd_ids)}
+            missing = [int(i) for i in ids if int(i) not in where]
+            if missing:
+                raise ValueError(f"the {variant} variant's test set lacks nsdIds {missing} of the mdlib run's")
+            rows = [where[int(i)] for i in ids]
+            if stim is None:
+                with StimulusReader(root) as reader:
+                    stim = reader.read(ids)
+            seeds = [image_seed(i, config.seed) for i in ids]
+            z, c = dec.pred["z"][rows], dec.pred["c"][rows]
+            targets = config.targets(dec, rows=rows, device=sd.device)
+            if variant == "mdlib":
+                yard = (clip, targets)   # the common yardstick: mdlib's loss, mdlib's CLIP, mdlib's targets
+            notes[-1] += f"; decoded in {fmt_time(decode_wall)}"
+        except Exception as err:  # noqa: BLE001  (reported in the table and on stderr)
+            cell = _failure(err)
+            table += [(variant, "stage 1", cell), (variant, f"stage 2, {iters} iterations", cell)]
+            continue
+
+        def scores(images, own_first, own_last, passes, backward, wall, status):
+            yard_loss = (float(stage2.score_images(yard[0], yard[1], images).mean()) if yard is not None
+                         else float("nan"))
+            red = "-" if own_last is None else f"{100 * (own_first - own_last) / own_first:.1f}%"
+            return (f"{own_first:.4g}", "-" if own_last is None else f"{own_last:.4g}", red, f"{yard_loss:.4f}",
+                    f"{metrics.pixcorr(images, stim):.3f}", f"{metrics.ssim(images, stim):.3f}",
+                    *(f"{e:.3f}" if k == 0 else f"{e:.1f}" for k, e in enumerate(_placement_errors(images, stim))),
+                    f"{passes:g} + {backward:g}", fmt_time(wall), status)
+
+        try:
+            print(f"  variant {variant}: stage 1 ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            s1 = stage1.reconstruct(sd, z, c, seeds, config=smp, progress=False)
+            s1_wall = time.perf_counter() - t0
+            own = float(stage2.score_images(clip, targets, s1.images).mean())
+            s1_row = (variant, "stage 1", *scores(s1.images, own, None, smp.unet_evaluations(1), 0, s1_wall, "ok"))
+        except Exception as err:  # noqa: BLE001
+            s1_row = (variant, "stage 1", _failure(err))
+        try:
+            print(f"  variant {variant}: published stage 2, {iters} iterations ...", file=sys.stderr, flush=True)
+            out = stage2.guide_published(sd, clip, z, c, targets, seeds, config=pub, sampler_config=smp,
+                                         progress=not args.no_progress)
+            curve = out.loss.mean(1)
+            bad = np.flatnonzero(~np.isfinite(out.loss).all(1))
+            status = "ok" if not len(bad) else f"diverged: non-finite loss from iteration {bad[0]}"
+            if 0 in out.snapshots and s1_row is not None and len(s1_row) > 3:
+                diff = int(np.abs(out.snapshots[0].astype(int) - s1.images.astype(int)).max())
+                notes[-1] += f"; stage 2's iteration-0 image vs stage 1's: max pixel difference {diff}"
+            s2_row = (variant, f"stage 2, {iters} iterations",
+                      *scores(out.images, float(curve[0]), float(curve[-1]), out.cost["unet_passes"] / n,
+                              out.cost["unet_backward"] / n, out.cost["wall_s"], status))
+        except Exception as err:  # noqa: BLE001
+            s2_row = (variant, f"stage 2, {iters} iterations", _failure(err))
+        table += [s1_row, s2_row]
+
+    columns = ("variant", "images", "own loss: first", "own loss: last", "own reduction", "yardstick loss",
+               "PixCorr", "SSIM", "position error (image sides)", "axis error (degrees)",
+               "UNet passes per image: forward + backward", "wall time", "status")
+    width = len(columns)
+    print(f"## 6. The three variants end to end on the mini path ({n} test images of mini-NSD subject 1, trained "
+          "tiny models, each variant's own decoding and published stage 2)\n")
+    print("Own loss: the variant's stage-2 loss against its own decoded targets, mean over images (stage 1: of its "
+          "image; stage 2: at iteration 0 (stage 1's image) and at the last iteration). Yardstick: the mdlib "
+          "variant's loss (mean over the kept features + 0.1 (1 - cos)) against the mdlib-decoded targets, with "
+          "the mdlib variant's CLIP (CLIP normalisation), for every row. Same nsdIds and sampler seeds in every "
+          "row; the stimuli are the reference of PixCorr, SSIM and the layout errors.\n")
+    rows = [r if len(r) == width else (*r[:2], *(["-"] * (width - 3)), r[2]) for r in table]
+    _print_table(columns, ["{}"] * width, rows)
+    print(f"Test images (nsdIds): {', '.join(str(int(i)) for i in ids) if ids is not None else 'none'}.\n")
+    for line in notes:
+        print(f"- {line}")
+    print(flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, same code paths")
-    ap.add_argument("--parts", default="memory,modes,lr,layout,landscape")
+    ap.add_argument("--parts", default="memory,modes,lr,layout,landscape,variants")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-root", default="",
                     help="mini-NSD root (default: $MDLIB_DATA/mini-nsd, written if missing)")
@@ -448,6 +589,8 @@ def main(argv=None) -> None:
         part_layout(args, cfg)
     if "landscape" in parts:
         part_landscape(args, cfg)
+    if "variants" in parts:
+        part_variants(args, cfg)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,15 @@ def describe(config: MethodConfig) -> dict[str, Any]:
     rows = {k: (list(v) if isinstance(v, tuple) else v) for k, v in rows.items()}
     return {"variant": config.variant, "preset": config.preset, "changes": {k: why for k, why in config.changes},
             "rows": rows}
+
+
+def table(config: MethodConfig, rows=None):
+    """The rows as a pandas DataFrame for a lesson to show: ``value`` and ``set by`` (the variant, the preset or
+    an override). ``rows``: the flat names to show (default: all)."""
+    import pandas as pd
+
+    d = describe(config)
+    names_ = list(d["rows"]) if rows is None else list(rows)
+    return pd.DataFrame({"value": [str(d["rows"][k]) for k in names_],
+                         "set by": [d["changes"].get(k, f"variant {config.variant}") for k in names_]},
+                        index=pd.Index(names_, name=f"{config.variant} on {config.preset}"))

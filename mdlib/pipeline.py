@@ -3,7 +3,7 @@
 :func:`reconstruct_condition` chains what lessons 03-05 teach: decode the subject's features
 (:func:`mdlib.decoding.decode_features`, cached), run stage 1 (:func:`mdlib.stage1.reconstruct`, resumable)
 and, for the stage-2 conditions, the guidance (:mod:`mdlib.stage2`, the published mode resumable too). The
-conditions are the paper's ablations (METHOD.md, "Evaluation in the paper") plus a ceiling and our fast mode:
+conditions are the paper's ablations (its Table 2) plus a ceiling and our fast mode:
 
 - ``"true (z, c)"``: stage 1 from the stimulus' own z and c: what perfect decoding would give;
 - ``"without z"``: stage 1 from noise and the decoded c (text-to-image, all 50 steps);
@@ -11,7 +11,7 @@ conditions are the paper's ablations (METHOD.md, "Evaluation in the paper") plus
 - ``"full"``: stage 1 then the published stage 2 (backpropagation through the sampler);
 - ``"fast"``: stage 1's inputs with the fast stage 2 (guidance inside one sampling pass).
 
-Outputs go to the lessons' own folders (``<runs>/stage1/<preset>_subjNN_<decoder>/...`` and
+Outputs go to the lessons' own folders (``<runs>/stage1/<preset>_<variant>_subjNN/...`` and
 ``<runs>/stage2/...``), so what lessons 04 and 05 computed is read back, not recomputed.
 """
 
@@ -58,10 +58,12 @@ class Reconstruction:
     cost: dict
 
 
-def run_folders(preset: str, subject: int, decoder: str, runs_root: str | os.PathLike | None = None
+def run_folders(config: MethodConfig, subject: int, runs_root: str | os.PathLike | None = None
                 ) -> tuple[Path, Path]:
-    """The folders of lessons 04 and 05 for a subject: (stage-1 folder, stage-2 folder)."""
-    name = f"{preset}_subj{int(subject):02d}_{decoder}"
+    """The folders of lessons 04, 05 and 06 for a subject under a method configuration: (stage-1 folder,
+    stage-2 folder), ``<runs>/stage1/<preset>_<variant>_subjNN`` and the same under ``stage2``. Inside them,
+    images and states are keyed by their inputs and settings, so overridden rows never read stale results."""
+    name = f"{config.preset}_{config.variant}_subj{int(subject):02d}"
     return paths.runs_dir(f"stage1/{name}", runs_root), paths.runs_dir(f"stage2/{name}", runs_root)
 
 

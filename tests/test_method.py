@@ -111,3 +111,10 @@ def test_plain_gradient_steps_and_the_released_lr_schedule(sd, clip):
     np.testing.assert_allclose(out.z, (z0 - 1e-3 * 0.5 * zz.grad).numpy(), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="optimizer"):
         dataclasses.replace(cfg, optimizer="lbfgs")
+
+
+def test_table_says_what_set_each_row():
+    t = method.table(method.configure("paper", "mini", keep=0.5), ["update", "lr", "keep", "roi"])
+    assert t["set by"].to_dict() == {"update": "variant paper", "lr": "preset mini", "keep": "override",
+                                     "roi": "variant paper"}
+    assert t.loc["update", "value"] == "['z', 'c']" and t.loc["roi", "value"] == "mindiffuser"

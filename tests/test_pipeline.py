@@ -97,6 +97,6 @@ def test_rows_and_common_ids(decoded):
 
 
 def test_run_folders_are_the_lessons(tmp_path):
-    s1, s2 = pipeline.run_folders("mini", 2, "ridge", tmp_path)
-    assert s1 == tmp_path / "stage1" / "mini_subj02_ridge" and s2 == tmp_path / "stage2" / "mini_subj02_ridge"
+    s1, s2 = pipeline.run_folders(method.configure("released", "mini"), 2, tmp_path)
+    assert s1 == tmp_path / "stage1" / "mini_released_subj02" and s2 == tmp_path / "stage2" / "mini_released_subj02"
     assert s1.is_dir() and s2.is_dir()
