@@ -1,6 +1,6 @@
 """MindDiffuser's decoding targets: VAE latents z, caption embeddings c, CLIP ViT-B/32 low-level features.
 
-What is decoded from fMRI (``shared/METHOD.md``), per stimulus:
+What is decoded from fMRI (docs/method.md), per stimulus:
 
 - **z** (:func:`vae_latents`): the VAE latent of the stimulus at the model's image size (512 px real, 64 px
   tiny), pixels scaled to [-1, 1], posterior sample (or mean) times the VAE scaling factor:
@@ -42,7 +42,7 @@ from mdlib.nsd import layout
 from mdlib.nsd.stimuli import StimulusReader, load_captions, load_stim_info
 from mdlib.record import write_json_atomic
 
-#: Blocks whose MLP output is a structural feature (1-based; METHOD.md: blocks 1-6 of ViT-B/32's 12).
+#: Blocks whose MLP output is a structural feature (1-based; docs/method.md: blocks 1-6 of ViT-B/32's 12).
 CLIP_BLOCKS = (1, 2, 3, 4, 5, 6)
 #: Caption length of the released code (BOS + 13 tokens + EOS/padding); SD itself uses 77.
 RELEASED_N_TOKENS = 15
@@ -116,7 +116,7 @@ def vae_latents(sd: SDModels, images: np.ndarray | torch.Tensor, posterior: str 
     Args:
         images: uint8 (n, H, W, 3) or float (n, 3, H, W) in [0, 1]; resized (bicubic, antialiased) to
             ``sd.image_size`` if needed (extract_targets reads them at that size with PIL already).
-        posterior: ``"sample"`` (METHOD.md: the released code samples the posterior) or ``"mean"``.
+        posterior: ``"sample"`` (docs/method.md: the released code samples the posterior) or ``"mean"``.
         seeds: one int per image for the sample's noise (extract_targets uses :func:`latent_seed` of the
             nsdId); None: 0..n-1. The noise is drawn on the CPU, so it is the same on every device.
         grad: keep the autograd graph (default: no_grad).

@@ -1,6 +1,6 @@
 """Stable Diffusion v1-4 and CLIP, real or tiny, behind one interface.
 
-MindDiffuser needs two models (``shared/METHOD.md``):
+MindDiffuser needs two models (docs/method.md):
 
 - **Stable Diffusion v1-4** (``CompVis/stable-diffusion-v1-4``): the VAE (z targets, decoding images), the
   UNet and DDIM sampler (stage 1 and 2), and its CLIP ViT-L/14 text encoder + tokenizer (c targets).
@@ -716,7 +716,7 @@ class SDModels:
         unet: diffusers ``UNet2DConditionModel``: noise prediction from (latents, timestep, text embeddings).
         text_encoder: transformers ``CLIPTextModel`` (SD v1: CLIP ViT-L/14's, width 768; tiny: 32).
         tokenizer: transformers ``CLIPTokenizer`` (CLIP BPE, 49,408 tokens, ``model_max_length`` 77).
-        scheduler: diffusers ``DDIMScheduler`` built from SD v1-4's scheduler config (METHOD.md).
+        scheduler: diffusers ``DDIMScheduler`` built from SD v1-4's scheduler config (docs/method.md).
         image_size: image side in pixels (512 real; 64 tiny).
         latent_shape: (channels, height, width) of one latent (4, 64, 64 real; 4, 16, 16 tiny).
         vae_scale: latent scaling factor, ``vae.config.scaling_factor`` (0.18215 for SD v1).

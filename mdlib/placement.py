@@ -1,7 +1,7 @@
 """Where a reconstruction puts its objects and which way they point, against its stimulus (lesson 06).
 
 MindDiffuser's claim for stage 2 is structural: the decoded CLIP block features restore the *layout* that
-stage 1's semantic reconstruction loses, the position and the orientation of what is in the scene (METHOD.md,
+stage 1's semantic reconstruction loses, the position and the orientation of what is in the scene (docs/method.md,
 stage 2). PixCorr and SSIM measure that only indirectly; these two measures name it. They are made for the
 mini path's scenes (1-2 flat-coloured shapes on a near-uniform background, :mod:`mdlib.synth.scenes`), where
 "the objects" is well defined:

@@ -2,7 +2,7 @@
 
 The decoders map voxels X (n samples, p voxels) to features Y (n, t): VAE latents z (t = 16,384), CLIP text
 embeddings c (15 x 768) and CLIP vision layers (6 x 38,400). :class:`RidgeDecoder` fits all targets at once in
-three modes (METHOD.md, "Decoders"):
+three modes (docs/method.md, rows "decoder" and "voxels per feature"):
 
 - ``cv="loo"`` (default): one alpha per target, chosen from a grid by efficient leave-one-out, with exactly the
   semantics of scikit-learn's ``RidgeCV(alphas, alpha_per_target=True)`` (squared error, intercept fitted,
@@ -78,7 +78,7 @@ from mdlib.device import resolve_device
 #: The default alpha grid: 13 values, 0.1 ... 1e5, half a decade apart.
 DEFAULT_ALPHAS = np.logspace(-1, 5, 13)
 
-#: The released code's FastL2LiR settings (METHOD.md): alpha on standardised voxels.
+#: The released code's FastL2LiR settings (docs/method.md): alpha on standardised voxels.
 FASTL2LIR_ALPHA = 0.15
 
 #: Bump when the saved file's meaning changes; :meth:`RidgeDecoder.load` refuses other versions.

@@ -3,7 +3,7 @@
 Stage 2 backpropagates through every denoising step, so the loop is written here in plain torch on
 diffusers' UNet and DDIM schedule, instead of calling a pipeline (pipelines run under ``no_grad``).
 
-The published sampler (``shared/METHOD.md``, CompVis' ``DDIMSampler`` in the released code):
+The published sampler (docs/method.md, CompVis' ``DDIMSampler`` in the released code):
 
 - 50 DDIM steps, eta 0. CompVis' DDIM timesteps, ascending: ``[1, 21, ..., 981]``; diffusers' DDIMScheduler
   with SD v1-4's config (``steps_offset`` 1, "leading" spacing) has the same ones, descending.
@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-#: The published sampler (METHOD.md): 50 DDIM steps, z noised to index 37, 35 steps, guidance 5.0, eta 0.
+#: The published sampler (docs/method.md): 50 DDIM steps, z noised to index 37, 35 steps, guidance 5.0, eta 0.
 PUBLISHED = {"num_steps": 50, "noise_index": 37, "denoise_steps": 35, "guidance_scale": 5.0, "eta": 0.0}
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The sampler's parameters; the defaults are the published ones (METHOD.md, lesson 04).
+    """The sampler's parameters; the defaults are the published ones (docs/method.md, lesson 04).
 
     Attributes:
         num_steps: DDIM steps of the full schedule (50).

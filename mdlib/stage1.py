@@ -1,4 +1,4 @@
-"""Stage 1: Stable Diffusion img2img from the fMRI-decoded (z, c) (``shared/METHOD.md``; lesson 04).
+"""Stage 1: Stable Diffusion img2img from the fMRI-decoded (z, c) (docs/method.md; lesson 04).
 
 The decoded latent z sets the layout and colours, the decoded caption embedding c the semantics: z is
 noised to DDIM timestep 741 and denoised for 35 steps (681 ... 1) with classifier-free guidance 5.0 against
@@ -59,7 +59,7 @@ def with_bos(sd: SDModels, c_tail: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def unconditional(sd: SDModels, n_tokens: int) -> torch.Tensor:
     """The empty prompt's embedding, (1, n_tokens, width): classifier-free guidance's unconditional branch
-    (METHOD.md; truncated to c's token count, as the two are batched together)."""
+    (docs/method.md; truncated to c's token count, as the two are batched together)."""
     return features.prompt_embeddings(sd, [""], n_tokens=n_tokens)
 
 
@@ -75,7 +75,7 @@ def reconstruct(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConf
         c: (n, n_tokens - 1, width) decoded caption embeddings without the BOS row (as decoded by
             :func:`mdlib.decoding.decode_features`), or (n, n_tokens, width) with ``c_includes_bos``.
         seeds: one int per image (:func:`mdlib.sampler.image_seed` of its nsdId).
-        config: :class:`SamplerConfig`; default: the published sampler (METHOD.md).
+        config: :class:`SamplerConfig`; default: the published sampler (docs/method.md).
         batch_size: images per UNet batch (x2 with guidance).
         out_dir: save each image as it is done and reuse what is already there (resume).
         names: file names per image in ``out_dir`` (default: ``"0000"``, ``"0001"``...; use nsdIds).

@@ -1,4 +1,4 @@
-"""Stage 2: structural control by backpropagation through the sampler (``shared/METHOD.md``; lesson 05).
+"""Stage 2: structural control by backpropagation through the sampler (docs/method.md; lesson 05).
 
 Stage 1 keeps the semantics but loses where things are and how they are oriented. Stage 2 restores them with
 the fMRI-decoded low-level CLIP features (blocks 1-6 ``c_proj`` outputs and the image embedding of
@@ -6,12 +6,13 @@ ViT-B/32): it generates an image from (z, c), extracts the same features from it
 that they come closer to the decoded ones.
 
 **Published mode** (:func:`guide_published`): every iteration runs the whole stage-1 sampler (35 DDIM steps,
-guidance 5.0), the VAE decoder and CLIP, then backpropagates the feature loss through all of it into z
-(released code: z only; the paper's Algorithm 1: z and c) with Adam (lr 0.01) and ExponentialLR (0.999).
-Each denoising step is checkpointed (:class:`mdlib.sampler.DDIMSampler` ``checkpoint=True``), so the
-activations of only one step live at a time and memory does not grow with the number of steps. The cost is
-iterations x 35 steps x 2 guidance branches UNet passes forward, and as many again recomputed and
-backpropagated: hours per image on a GPU at 300 iterations.
+guidance 5.0), the VAE decoder and CLIP, then backpropagates the feature loss through all of it into z (and
+c, as the paper's Algorithm 1 does) with Adam or plain gradient steps (:class:`PublishedConfig`; the method
+variants of :mod:`mdlib.method` set it). Each denoising step is checkpointed
+(:class:`mdlib.sampler.DDIMSampler` ``checkpoint=True``), so the activations of only one step live at a
+time and memory does not grow with the number of steps. The cost is iterations x 35 steps x 2 guidance
+branches UNet passes forward, and as many again recomputed and backpropagated: hours per image on a GPU at
+300 iterations.
 
 **Fast mode** (:func:`guide_fast`): one sampling pass; at every step the model's estimate of the clean
 latent ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)`` is decoded, its features compared with the decoded
@@ -19,11 +20,11 @@ ones, and the noise estimate is shifted along the loss gradient (universal guida
 Bansal et al. 2023: ``eps' = eps + s sqrt(1 - a_t) grad_x L``) before the DDIM update. Cost: one sampling
 pass plus one backward pass per step.
 
-The loss (:class:`FeatureTargets`): sum over blocks of the mean squared error over each block's kept
-features (the released code keeps the 25% best-decoded features per layer; we rank them by their
-leave-one-out R^2 on the training images, so the test set is never looked at), plus ``cos_weight`` (0.1 in
-the code) x (1 - cosine) between the image embeddings. Images in a batch are independent: the loss is a sum
-over images and Adam works element-wise, so a batch gives what separate runs would.
+**The loss** (:class:`FeatureTargets`): per block, the squared error between the image's features and the
+decoded ones over the kept features (the best-decoded share, :mod:`mdlib.selection`), reduced as the default
+variant (a mean per block), the released code (``MSE_CLIP_mask``) or the paper (a sum) does, plus a weighted
+``1 - cosine`` between the image embeddings. Images in a batch are independent: the loss is a sum over images
+and Adam works element-wise, so a batch gives what separate runs would.
 """
 
 from __future__ import annotations

@@ -100,6 +100,9 @@ def test_two_processes_make_disjoint_shards_whose_union_is_a_one_process_run(sha
         assert set(rec["versions"]) >= {"torch", "diffusers", "mdlib"}
     _assert_same_outputs(two, one, ids)
     assert json.loads((two / "run.json").read_text()) == settings
+    # the record names the method: its variant, every row's value, and what the preset changed
+    assert settings["method"] == method.describe(method.configure("mdlib", "mini", **_short_sampler().as_dict()))
+    assert settings["method"]["changes"]["iterations"] == "preset mini"
     # the summaries: one line per process, one for the whole selection
     assert "rank 0/2: 3 images in this shard: 3 reconstructed" in sharded["log"]
     assert "rank 1/2: 2 images in this shard: 2 reconstructed" in sharded["log"]
@@ -338,5 +341,10 @@ def test_image_selection_and_settings_guard(tmp_path, capsys):
                                                            *extra]))
         assert (job.config.published.lr, job.config.published.iterations) == (lr, iterations), preset
     assert method.configure("mdlib", "mini").published.lr == 0.05
+    # --variant sets every row; single options override one row and say so
+    job = reconstruct.job_from_args(parser.parse_args(["--subject", "1", "--stage", "2", "--preset", "mini",
+                                                       "--variant", "released", "--fresh-noise", "no"]))
+    assert job.config == method.configure("released", "mini", fresh_noise=False)
+    assert dict(job.config.changes)["fresh_noise"] == "override" and job.config.decoder == "fastl2lir"
     assert cli.main(["reconstruct", "--subject", "1", "--stage", "1", "--mode", "fast"]) == 1
     assert "--mode is for stage 2" in capsys.readouterr().err
