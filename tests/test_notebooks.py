@@ -32,8 +32,10 @@ def mini_root(tmp_path_factory):
 
 
 #: Lesson 05 in CI: 8 images in one batch (on a CPU the tiny models' cost is mostly per call, so one batch of 8
-#: costs little more than one of 2), which lesson 06 then reads back as its first batch.
-LESSON_05_SMOKE = {"N_IMAGES": 8, "BATCH_SIZE": 8, "ITERATIONS": 10}
+#: costs little more than one of 2), which lesson 06 then reads back as its first batch. The default variant
+#: ("mdlib"); the mini preset's 10 iterations (docs/method.md, "The mini path").
+LESSON_05_SMOKE = {"N_IMAGES": 8, "BATCH_SIZE": 8}
+LESSON_05_ITERATIONS = 10
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,10 @@ def course_run(mini_root, tmp_path_factory):
 STAGE1_IDENTIFICATION_FLOOR = 60.0
 
 #: Lesson 06 in CI: 16 images (the first 8 optimised by lesson 05's smoke run, whose states it reads back), two
-#: subjects. Stage 2's gain in pixels differs much from image to image (on a few images whose stage-1
-#: reconstruction is already close it can be a loss): the ablation's claim is tested on a mean over 16.
-LESSON_06_SMOKE = {"N_IMAGES": 16, "BATCH_SIZE": 8, "ITERATIONS": 10, "SUBJECTS": [SUBJECT, OTHER_SUBJECT]}
+#: subjects, the default variant (the mini preset's 10 iterations). Stage 2's gain in pixels differs much from
+#: image to image (on a few images whose stage-1 reconstruction is already close it can be a loss): the
+#: ablation's claim is tested on a mean over 16.
+LESSON_06_SMOKE = {"N_IMAGES": 16, "BATCH_SIZE": 8, "SUBJECTS": [SUBJECT, OTHER_SUBJECT]}
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +166,13 @@ def test_lesson_03_decodes_each_feature_family_between_chance_and_the_noiseless_
     assert med["c"] > null["c"] + 0.1 and med["clip_block1"] > null["clip_block1"] + 0.3
     assert r["distinct_alphas_z"] > 1  # leave-one-out picks different alphas for different targets
     assert 0 < r["voxel_share_early"] < 1
+    # The default variant ran, and FastL2LiR used the released reconstruction's voxel counts (z 4000, c 125,
+    # CLIP 850), scaled on the mini path to the same share of this ROI as of the released ROI's 11,694 voxels.
+    assert r["method"]["variant"] == "mdlib" and r["method"]["rows"]["decoder"] == "ridge"
+    n_vox = r["n_voxels"]
+    assert r["n_select_fastl2lir"] == {k: max(1, round(v * n_vox / 11694)) for k, v in
+                                       {"z": 4000, "c": 125, "clip": 850}.items()}
+    assert set(r["median_r_fastl2lir"]) == {"z", "c", "clip_block1"}
 
 
 def _read_pngs(folder, ids):
@@ -196,7 +206,7 @@ def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run
 
     out, summary = course_run
     r = summary["results"]["04_stage1_img2img"]
-    # The schedule METHOD.md states: z noised to t = 741, then 35 steps 681, 661, ..., 1, guidance 5, eta 0.
+    # The schedule docs/method.md states: z noised to t = 741, then 35 steps 681, 661, ..., 1, guidance 5, eta 0.
     assert r["noise_timestep"] == 741 and r["denoise_timesteps"] == list(range(681, 0, -20))
     assert r["sampler"] == {"num_steps": 50, "noise_index": 37, "denoise_steps": 35, "guidance_scale": 5.0, "eta": 0.0}
     # SD v1-4's published sizes (UNet 859.5 M, VAE 83.7 M, text encoder 123.1 M parameters).
@@ -226,6 +236,14 @@ def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run
     assert Path(r["image_dirs"]["decoded (z, c)"]).name == stage1.run_tag(sd, again.config)
     saved = _read_pngs(Path(r["image_dirs"]["decoded (z, c)"]), dec.nsd_ids[k])
     assert np.abs(again.images.astype(int) - saved.astype(int)).max() <= 1
+    # The images lie in the default variant's stage-1 folder, <runs>/stage1/<preset>_<variant>_subjNN, where
+    # lesson 06 reads them.
+    from mdlib import paths
+
+    assert r["method"]["variant"] == "mdlib"
+    stage1_dir = paths.runs_dir() / "stage1" / f"mini_mdlib_subj{SUBJECT:02d}"
+    for name, folder in (("true (z, c)", "true"), ("decoded (z, c)", "decoded"), ("without z", "without_z")):
+        assert Path(r["image_dirs"][name]).parent == stage1_dir / folder, name
     # How much of z the decoder recovers, recomputed from the decoded latents.
     zr = np.mean([np.corrcoef(dec.pred["z"][i].ravel(), dec.true["z"][i].ravel())[0, 1] for i in range(n_test)])
     assert r["latent_r"]["decoded z itself"] == pytest.approx(zr, abs=1e-5)
@@ -239,9 +257,10 @@ def test_lesson_05_lowers_the_feature_loss_in_both_modes_at_the_counted_cost(cou
 
     out, summary = course_run
     r = summary["results"]["05_stage2_guidance"]
-    n, iters = LESSON_05_SMOKE["N_IMAGES"], LESSON_05_SMOKE["ITERATIONS"]
+    n, iters = LESSON_05_SMOKE["N_IMAGES"], LESSON_05_ITERATIONS
     assert r["n_images"] == n and r["iterations"] == iters
-    # The mini path's lr: five times the released 0.01, for 10 iterations instead of 300 (lesson 05, section 6).
+    # The mini path's lr: five times the released 0.01, for 10 iterations instead of 300 (docs/method.md, "The mini
+    # path").
     assert r["published"]["lr"] == 0.05 and r["published"]["gamma"] == 0.999 and r["published"]["update"] == ["z"]
     # The decoded features identify their stimulus: its loss is far below another test image's.
     assert r["loss"]["stimulus"] < 0.5 * r["loss"]["other_image"]
