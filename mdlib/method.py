@@ -213,8 +213,9 @@ def _apply(config: MethodConfig, rows: dict[str, Any], why: str | None) -> Metho
     fast = dataclasses.replace(config.fast, **{_FAST[k]: v for k, v in rows.items() if k in _FAST})
     changes = config.changes
     if why is not None:
-        done = dict(changes)
-        changes = tuple(done.items()) + tuple((k, why) for k in changed if k not in done and k != "snapshots")
+        done = dict(changes)   # the last change of a row names why it has its value
+        done.update((k, why) for k in changed if k != "snapshots")
+        changes = tuple(done.items())
     return dataclasses.replace(config, **own, published=published, sampler=sampler, fast=fast, changes=changes)
 
 

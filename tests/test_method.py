@@ -56,7 +56,8 @@ def test_the_preset_and_overrides_are_recorded():
     assert mini.published.snapshots == stage2.snapshot_iterations(10)
     c = mini.replace(lr=0.2, update="z,c", keep=0.5)
     assert c.published.lr == 0.2 and c.published.update == ("z", "c") and c.keep == 0.5
-    assert dict(c.changes)["update"] == "override" and dict(c.changes)["lr"] == "preset mini"
+    assert dict(c.changes)["update"] == "override" and dict(c.changes)["lr"] == "override"
+    assert dict(mini.replace(keep=0.5).changes)["lr"] == "preset mini"     # untouched rows keep their reason
     assert method.configure("mdlib", "nsd", lr=None).published.lr == 0.01      # None: not given
     with pytest.raises(ValueError, match="unknown setting"):
         method.configure("mdlib", "nsd", learning_rate=0.1)

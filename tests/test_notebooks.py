@@ -318,6 +318,9 @@ def test_lesson_06_evaluates_the_ablation_and_the_subjects(lesson06_run, mini_ro
     out, summary = lesson06_run
     r = summary["results"]["06_evaluation"]
     n = LESSON_06_SMOKE["N_IMAGES"]
+    # It ran the default variant and recorded every row (the mini preset's 10 iterations).
+    assert r["variant"] == r["method"]["variant"] == "mdlib"
+    assert r["iterations"] == r["method"]["rows"]["iterations"] == 10
     # The first n test images common to both subjects, and "another test image" from outside them.
     common = sorted(_test_ids(mini_root, SUBJECT) & _test_ids(mini_root, OTHER_SUBJECT))
     assert r["nsd_ids"] == common[:n] and r["n_common_test_images"] == len(common)
