@@ -13,9 +13,10 @@ EffNet-B         EfficientNet-B1 ``avgpool`` (1280)     255          correlation
 SwAV             SwAV ResNet-50 ``avgpool`` (2048)      224          correlation distance (1 - r)
 ===============  =====================================  ===========  =====================================
 
-The input sizes are MindEye's (EVALUATION.md); Brain-Diffuser resized AlexNet's, CLIP's and SwAV's inputs to
-224 (``sizes={"alexnet": 224}``). Images are resized (bilinear, antialiased, as MindEye's
-``transforms.Resize``) and normalised with ImageNet's mean/std, CLIP with CLIP's own.
+The input sizes are MindEye's; Brain-Diffuser gave every network 224 px (``sizes=``). Images are resized
+once, bilinear with antialiasing (the "mdlib" protocol: MindEye's pinned torchvision did not antialias and went
+through 256 px first; docs/evaluation.md and :mod:`mdlib.protocols`), and normalised with ImageNet's mean/std,
+CLIP with CLIP's own.
 
 Weights (``weights=``): ``"pretrained"`` loads the published weights (torchvision's ImageNet weights for
 AlexNet, Inception v3 and EfficientNet-B1 ``IMAGENET1K_V2``; Facebook's SwAV 800-epoch ResNet-50; OpenAI's

@@ -1,4 +1,4 @@
-"""Image metrics of reconstructions against their stimuli (``shared/EVALUATION.md``; lessons 04-06).
+"""Image metrics of reconstructions against their stimuli (docs/evaluation.md; lessons 04-06).
 
 - :func:`pixcorr`: both images resized to 425 x 425 (NSD's stimulus size), RGB in [0, 1], flattened,
   Pearson r per image (the eight-metric table's PixCorr; MindDiffuser's "PCC").
@@ -9,8 +9,8 @@
 - :func:`two_way_identification`: percent of the other images whose features correlate less with a
   reconstruction than its own stimulus's do (chance 0.5).
 
-Resizing: float images, bilinear with antialiasing (torchvision's ``Resize`` on tensors, as MindEye's
-evaluation does), clipped to [0, 1]. Inputs may be uint8 (n, H, W, 3) arrays (stimuli as
+Resizing: float images, bilinear with antialiasing, clipped to [0, 1] (the "mdlib" protocol; the published
+tables' own preprocessing, which differs, is in docs/evaluation.md and :mod:`mdlib.protocols`). Inputs may be uint8 (n, H, W, 3) arrays (stimuli as
 :meth:`mdlib.nsd.stimuli.StimulusReader.read` returns them, reconstructions as :mod:`mdlib.stage1` saves them)
 or float (n, 3, H, W) in [0, 1].
 """
