@@ -3,7 +3,7 @@ published mode against the fast mode on the mini path.
 
 Prints markdown tables (paste them into benchmarks/README.md). Not a test: timings depend on the machine.
 
-    python benchmarks/bench_stage2.py            # full: parts 1-2 about 40 min, 3-4 26 min, 5 12 min (2 cores)
+    python benchmarks/bench_stage2.py            # full: parts 1-2 about 40 min, 3-4 26 min, 5 12 min, 6 6 min (2 cores)
     python benchmarks/bench_stage2.py --quick    # the same code paths at small sizes: a few minutes
 
 Parts (``--parts``, default all six):
@@ -116,9 +116,10 @@ def one_iteration(steps: int, checkpoint: bool, batch: int, image_size: int, dev
     cond = with_bos(sd, torch.randn(batch, 14, sd.text_width, generator=g))
     uncond = unconditional(sd, 15)
     blocks = [f"block{b}" for b in range(1, 7)]
+    probe = stage2.FeatureTargets({b: torch.zeros(1) for b in blocks})   # which features, and how images reach CLIP
     with torch.no_grad():
         _, feats = stage2.image_features(sd, clip, torch.randn(batch, *sd.latent_shape, generator=g).to(sd.device),
-                                         blocks)
+                                         probe)
         targets = stage2.FeatureTargets({b: feats[b] for b in blocks}, feats["embedding"])
         sampler.sample(z, cond, uncond, generators(range(batch)))          # warm-up: allocator, kernels
     if sd.device.type == "cuda":
@@ -451,7 +452,7 @@ def part_variants(args, cfg) -> None:
     decoded (z, c) and the published stage 2 with its own optimiser, loss and targets, on the same test images
     and seeds. Each row gives the variant's own loss, one common yardstick (the "mdlib" variant's loss against
     the mdlib-decoded targets, scored with the mdlib variant's CLIP), PixCorr, SSIM, layout errors and cost."""
-    from mdlib import decoding, method, metrics, paths, stage1, stage2
+    from mdlib import decoding, method, metrics, paths, placement, stage1, stage2
     from mdlib.nsd.stimuli import StimulusReader
     from mdlib.sampler import image_seed
     from mdlib.synth.write import ensure_mini_nsd
@@ -474,10 +475,12 @@ def part_variants(args, cfg) -> None:
         s1_row = s2_row = None
         try:
             sd, clip = _variant_models(config, args.device, loaded)
+            cached = set((paths.cache_dir(root) / "decoded").glob("*.npz"))
             t0 = time.perf_counter()
             dec = decoding.decode_features(root, 1, sd, clip, device=args.device, progress=False,
                                            **config.decode_kwargs())
             decode_wall = time.perf_counter() - t0
+            fitted = len(set((paths.cache_dir(root) / "decoded").glob("*.npz")) - cached)
             if variant == "mdlib":
                 ids = dec.nsd_ids[:n].copy()
             if ids is None:
@@ -495,20 +498,22 @@ def part_variants(args, cfg) -> None:
             targets = config.targets(dec, rows=rows, device=sd.device)
             if variant == "mdlib":
                 yard = (clip, targets)   # the common yardstick: mdlib's loss, mdlib's CLIP, mdlib's targets
-            notes[-1] += f"; decoded in {fmt_time(decode_wall)}"
+            notes[-1] += (f"; decoded in {fmt_time(decode_wall)} ({fitted} families fitted, "
+                          f"{len(dec.pred) - fitted} read from the cache)")
         except Exception as err:  # noqa: BLE001  (reported in the table and on stderr)
             cell = _failure(err)
             table += [(variant, "stage 1", cell), (variant, f"stage 2, {iters} iterations", cell)]
             continue
 
-        def scores(images, own_first, own_last, passes, backward, wall, status):
+        def scores(images, own_first, own_last, z_change, passes, backward, wall, status):
             yard_loss = (float(stage2.score_images(yard[0], yard[1], images).mean()) if yard is not None
                          else float("nan"))
             red = "-" if own_last is None else f"{100 * (own_first - own_last) / own_first:.1f}%"
             return (f"{own_first:.4g}", "-" if own_last is None else f"{own_last:.4g}", red, f"{yard_loss:.4f}",
                     f"{metrics.pixcorr(images, stim):.3f}", f"{metrics.ssim(images, stim):.3f}",
                     *(f"{e:.3f}" if k == 0 else f"{e:.1f}" for k, e in enumerate(_placement_errors(images, stim))),
-                    f"{passes:g} + {backward:g}", fmt_time(wall), status)
+                    "-" if z_change is None else f"{z_change:.3f}", f"{passes:g} + {backward:g}", fmt_time(wall),
+                    status)
 
         try:
             print(f"  variant {variant}: stage 1 ...", file=sys.stderr, flush=True)
@@ -516,37 +521,57 @@ def part_variants(args, cfg) -> None:
             s1 = stage1.reconstruct(sd, z, c, seeds, config=smp, progress=False)
             s1_wall = time.perf_counter() - t0
             own = float(stage2.score_images(clip, targets, s1.images).mean())
-            s1_row = (variant, "stage 1", *scores(s1.images, own, None, smp.unet_evaluations(1), 0, s1_wall, "ok"))
+            s1_row = (variant, "stage 1", *scores(s1.images, own, None, None, smp.unet_evaluations(1), 0, s1_wall,
+                                                  "ok"))
         except Exception as err:  # noqa: BLE001
             s1_row = (variant, "stage 1", _failure(err))
+        noise_row = None
+        if pub.fresh_noise:   # what the last iteration's fresh noise alone does to stage 1's image (z unchanged)
+            name = f"stage 1, iteration {iters}'s noise (z unchanged)"
+            try:
+                t0 = time.perf_counter()
+                last = stage1.reconstruct(sd, z, c, [s + iters * 7919 for s in seeds], config=smp, progress=False)
+                wall = time.perf_counter() - t0
+                own = float(stage2.score_images(clip, targets, last.images).mean())
+                noise_row = (variant, name, *scores(last.images, own, None, None, smp.unet_evaluations(1), 0, wall,
+                                                    "ok"))
+            except Exception as err:  # noqa: BLE001
+                noise_row = (variant, name, _failure(err))
         try:
             print(f"  variant {variant}: published stage 2, {iters} iterations ...", file=sys.stderr, flush=True)
             out = stage2.guide_published(sd, clip, z, c, targets, seeds, config=pub, sampler_config=smp,
                                          progress=not args.no_progress)
             curve = out.loss.mean(1)
+            z0 = np.asarray(z, dtype=np.float64)
+            z_change = float(np.sqrt(((out.z - z0) ** 2).mean() / (z0 ** 2).mean()))
             bad = np.flatnonzero(~np.isfinite(out.loss).all(1))
             status = "ok" if not len(bad) else f"diverged: non-finite loss from iteration {bad[0]}"
             if 0 in out.snapshots and s1_row is not None and len(s1_row) > 3:
                 diff = int(np.abs(out.snapshots[0].astype(int) - s1.images.astype(int)).max())
                 notes[-1] += f"; stage 2's iteration-0 image vs stage 1's: max pixel difference {diff}"
             s2_row = (variant, f"stage 2, {iters} iterations",
-                      *scores(out.images, float(curve[0]), float(curve[-1]), out.cost["unet_passes"] / n,
+                      *scores(out.images, float(curve[0]), float(curve[-1]), z_change, out.cost["unet_passes"] / n,
                               out.cost["unet_backward"] / n, out.cost["wall_s"], status))
         except Exception as err:  # noqa: BLE001
             s2_row = (variant, f"stage 2, {iters} iterations", _failure(err))
-        table += [s1_row, s2_row]
+        table += [r for r in (s1_row, noise_row, s2_row) if r is not None]
 
     columns = ("variant", "images", "own loss: first", "own loss: last", "own reduction", "yardstick loss",
-               "PixCorr", "SSIM", "position error (image sides)", "axis error (degrees)",
+               "PixCorr", "SSIM", "position error (image sides)", "axis error (degrees)", "z change (relative)",
                "UNet passes per image: forward + backward", "wall time", "status")
     width = len(columns)
+    n_axes = "no" if stim is None else int(np.isfinite(placement.axis_error(stim, stim)).sum())
     print(f"## 6. The three variants end to end on the mini path ({n} test images of mini-NSD subject 1, trained "
-          "tiny models, each variant's own decoding and published stage 2)\n")
+          "tiny models, each variant's own decoding and published stage 2; the axis error counts the "
+          f"{n_axes} stimuli whose objects have an axis)\n")
     print("Own loss: the variant's stage-2 loss against its own decoded targets, mean over images (stage 1: of its "
           "image; stage 2: at iteration 0 (stage 1's image) and at the last iteration). Yardstick: the mdlib "
           "variant's loss (mean over the kept features + 0.1 (1 - cos)) against the mdlib-decoded targets, with "
           "the mdlib variant's CLIP (CLIP normalisation), for every row. Same nsdIds and sampler seeds in every "
-          "row; the stimuli are the reference of PixCorr, SSIM and the layout errors.\n")
+          "row; the stimuli are the reference of PixCorr, SSIM and the layout errors. z change: RMS(z_final - z) / "
+          "RMS(z) of stage 2's z against the decoded z (c's change, in the paper's variant, is not returned). "
+          "Variants with fresh noise get a control row: stage 1 from the unchanged z with the noise of stage 2's "
+          "last iteration (seed + 7919 x iterations, PublishedConfig.fresh_noise).\n")
     rows = [r if len(r) == width else (*r[:2], *(["-"] * (width - 3)), r[2]) for r in table]
     _print_table(columns, ["{}"] * width, rows)
     print(f"Test images (nsdIds): {', '.join(str(int(i)) for i in ids) if ids is not None else 'none'}.\n")
