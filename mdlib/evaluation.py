@@ -149,7 +149,7 @@ def styled(df, caption: str | None = None):
 
 @dataclass(frozen=True)
 class Published:
-    """A published result on the real NSD, with pretrained evaluation networks (EVALUATION.md, METHOD.md)."""
+    """A published result on the real NSD, with pretrained evaluation networks (docs/evaluation.md)."""
 
     method: str
     subjects: str
@@ -191,7 +191,7 @@ PUBLISHED: tuple[Published, ...] = (
 
 PUBLISHED_HEADER = ("PUBLISHED numbers: the real NSD, pretrained evaluation networks, each paper's own test set "
                     "and SSIM implementation (some used scikit-image <= 0.19, whose SSIM on grey images was a "
-                    "mean of 1-D column SSIMs). Copied from shared/EVALUATION.md and METHOD.md.")
+                    "mean of 1-D column SSIMs): each paper's tables; protocols in docs/evaluation.md.")
 
 
 def published_table(view: str = "all", rows: Iterable[Published] = PUBLISHED):

@@ -129,7 +129,7 @@ def test_tiny_sd_interface(sd):
     assert sd.device == torch.device("cpu") and sd.dtype == torch.float32
     assert not any(p.requires_grad for m in (sd.vae, sd.unet, sd.text_encoder) for p in m.parameters())
     assert type(sd.scheduler).__name__ == "DDIMScheduler"
-    # METHOD.md: SD v1-4's config + DDIM, 50 steps -> 981 ... 1; 741 at position 12, 681 at position 15
+    # docs/method.md: SD v1-4's config + DDIM, 50 steps -> 981 ... 1; 741 at position 12, 681 at position 15
     sd.scheduler.set_timesteps(50)
     steps = sd.scheduler.timesteps.tolist()
     assert steps[0] == 981 and steps[-1] == 1 and steps[12] == 741 and steps[15] == 681
@@ -189,7 +189,7 @@ def test_full_size_sd_on_meta_device():
     with torch.no_grad():
         image = torch.empty(1, 3, 512, 512, device="meta")
         latent = parts["vae"].encode(image).latent_dist.mean
-        assert tuple(latent.shape) == (1, 4, 64, 64)  # 16,384 values (METHOD.md)
+        assert tuple(latent.shape) == (1, 4, 64, 64)  # 16,384 values (docs/method.md)
         text = parts["text_encoder"](torch.zeros(1, 77, dtype=torch.long, device="meta")).last_hidden_state
         assert tuple(text.shape) == (1, 77, 768)
         eps = parts["unet"](latent, torch.tensor([741], device="meta"), encoder_hidden_states=text).sample

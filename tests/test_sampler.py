@@ -34,7 +34,7 @@ def test_published_schedule_is_methods(sd):
     assert len(s.denoise_timesteps) == 35
     # the final step's "previous" alpha is alphas_cumprod[0] (set_alpha_to_one false in SD v1-4's config)
     assert s.previous_timestep(1) == -1 and s.alpha(-1) == pytest.approx(float(sd.scheduler.alphas_cumprod[0]))
-    # diffusers' descending timesteps: 741 at position 12, 681 at 15 (METHOD.md)
+    # diffusers' descending timesteps: 741 at position 12, 681 at 15 (docs/method.md)
     sched = type(sd.scheduler).from_config(sd.scheduler.config)
     sched.set_timesteps(50)
     desc = sched.timesteps.tolist()

@@ -44,7 +44,7 @@ def nsd_affine(shape) -> np.ndarray:
     affine[:3, 3] = -(dims - 1) / 2 * VOXEL_SIZE_MM
     return affine
 
-#: The beta version MindDiffuser uses (METHOD.md) and the volume space.
+#: The beta version MindDiffuser uses (docs/method.md) and the volume space.
 DEFAULT_BETAS = "betas_fithrf_GLMdenoise_RR"
 DEFAULT_SPACE = "func1pt8mm"
 

@@ -10,7 +10,7 @@ ROI choices (:func:`roi_mask`):
 
 - ``"nsdgeneral"``: NSD's visual-cortex mask (label > 0); used by most reconstruction papers
   (15,724 voxels for subj01).
-- ``"mindiffuser"``: the voxels of the MindDiffuser release (METHOD.md; 11,694 voxels for subj01). Its data
+- ``"mindiffuser"``: the voxels of the MindDiffuser release (docs/method.md; 11,694 voxels for subj01). Its data
   preparation (St-Yves' NSD scripts) labels each voxel with its ``prf-visualrois`` label where that is > 0 and
   with its ``Kastner2015`` label otherwise, then keeps the groups V1, V2, V3, hV4, V3ab, LO, IPS, VO, PHC, MT,
   MST, which are Kastner2015 labels 1..23 (V1v .. IPS5) and drops "other" (0, SPL1 = 24, FEF = 25). As a
