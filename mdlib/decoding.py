@@ -151,14 +151,10 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
         raise ValueError(f"subject {subject}: {len(train)} training and {len(test)} test images in sessions "
                          f"{betas.sessions}: too few to decode")
     X = betas.responses
-    mu, sd_x = X[train].mean(0), X[train].std(0)
-    sd_x[sd_x == 0] = 1.0
-    if standardize == "test":   # the released code (Reconstruction.py line 311): the test set's own statistics
-        mu_t, sd_t = X[test].mean(0), X[test].std(0)
-        sd_t[sd_t == 0] = 1.0
-        X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu_t) / sd_t
-    else:
-        X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu) / sd_x
+    mu, sd_x = _mean_sd(X[train])
+    # "test": the released code (Reconstruction.py line 311) z-scores the test set with its own statistics
+    mu_t, sd_t = _mean_sd(X[test]) if standardize == "test" else (mu, sd_x)
+    X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu_t) / sd_t
     groups = sorted({"clip" if f.startswith("clip_") else f for f in families})
     targets = features.extract_targets(data_root, betas.nsd_ids, sd, clip, targets=groups, n_tokens=n_tokens,
                                        posterior=posterior, seed=seed, n_captions=n_captions, resize=clip_resize,
@@ -215,6 +211,13 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
             out.cv_r2[fam] = np.where(var > 0, 1.0 - cv_mse / np.where(var > 0, var, 1.0), np.nan)
         out.score[fam] = out.cv_r2[fam] if score is None else np.asarray(score, dtype=np.float64)
     return out
+
+
+def _mean_sd(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each voxel's mean and sd (ddof 0) over the rows; a constant voxel gets sd 1 (it stays 0 once centred)."""
+    mu, sd = X.mean(0), X.std(0)
+    sd[sd == 0] = 1.0
+    return mu, sd
 
 
 def _digest(*arrays: np.ndarray) -> str:

@@ -1,4 +1,4 @@
-"""The evaluation networks of the eight-metric table (``shared/EVALUATION.md``; taught in lesson 06).
+"""The evaluation networks of the eight-metric table (docs/evaluation.md; taught in lesson 06).
 
 Five networks give the table's feature metrics, each read at the layer the field uses:
 

@@ -1,4 +1,4 @@
-"""Evaluating reconstructions as the field does (``shared/EVALUATION.md``; taught in lesson 06).
+"""Evaluating reconstructions as the field does (docs/evaluation.md; taught in lesson 06).
 
 Two families of numbers, computed on the same images:
 
@@ -39,7 +39,7 @@ VIEWS = {"eight": EIGHT_METRICS, "minddiffuser": MINDDIFFUSER_METRICS,
 
 
 def ssim_note() -> str:
-    """What SSIM and PixCorr mean here: stated on every table (EVALUATION.md's trap on old SSIM numbers)."""
+    """What SSIM and PixCorr mean here: stated on every table (docs/evaluation.md: old SSIM numbers were column SSIMs)."""
     import skimage
 
     return (f"SSIM: true 2-D SSIM of grey images at {M.EVAL_SIZE} px (scikit-image {skimage.__version__} "

@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mdlib import decoding, selection
 from mdlib.sampler import SamplerConfig
 from mdlib.stage2 import FastConfig, PublishedConfig, snapshot_iterations
 
@@ -100,8 +101,8 @@ class MethodConfig:
     save_every: int = 10
 
     def __post_init__(self) -> None:
-        checks = {"variant": VARIANTS, "preset": tuple(PRESETS), "loss": LOSSES, "standardize": ("train", "test"),
-                  "decoder": ("ridge", "fastl2lir"), "select_by": ("loo-r2", "cv5-r"), "posterior": ("sample", "mean")}
+        checks = {"variant": VARIANTS, "preset": tuple(PRESETS), "loss": LOSSES, "standardize": decoding.STANDARDIZE,
+                  "decoder": decoding.METHODS, "select_by": selection.SCORES, "posterior": ("sample", "mean")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
