@@ -132,6 +132,20 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_eval_weights(args) -> int:
+    """Download the evaluation networks' published weights (lesson 06's metrics on the real path)."""
+    from mdlib import evalnets
+
+    try:
+        sources = evalnets.fetch_weights(cache_dir=args.hf_cache, progress=not args.quiet)
+    except (RuntimeError, OSError) as err:   # WeightsNotFoundError is an OSError
+        print(f"mdlib eval-weights: {err}", file=sys.stderr)
+        return 1
+    for key, source in sources.items():
+        print(f"{key}: {source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdlib", description="MindDiffuser course support library")
     p.add_argument("--version", action="version", version=f"mdlib {__version__}")
@@ -212,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "then --gather builds the results table and the metrics.")
     reconstruct_arguments(r)
     r.set_defaults(func=cmd_reconstruct)
+
+    w = sub.add_parser("eval-weights", help="download the evaluation networks' pretrained weights (about 2.2 GB)",
+                       description="AlexNet, Inception v3, EfficientNet-B1 (V1 and V2), SwAV ResNet-50 into torch "
+                                   "hub's checkpoints/, CLIP ViT-L/14 into the Hugging Face cache. Afterwards the "
+                                   "evaluation (weights='auto') finds them offline.")
+    w.add_argument("--hf-cache", default=None, help="Hugging Face cache for CLIP (default: HF_HUB_CACHE)")
+    w.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    w.set_defaults(func=cmd_eval_weights)
 
     i = sub.add_parser("info", help="show mdlib's folders")
     i.set_defaults(func=cmd_info)

@@ -13,36 +13,42 @@ EffNet-B         EfficientNet-B1 ``avgpool`` (1280)     255          correlation
 SwAV             SwAV ResNet-50 ``avgpool`` (2048)      224          correlation distance (1 - r)
 ===============  =====================================  ===========  =====================================
 
-The input sizes are MindEye's; Brain-Diffuser gave every network 224 px (``sizes=``). Images are resized
-once, bilinear with antialiasing (the "mdlib" protocol: MindEye's pinned torchvision did not antialias and went
-through 256 px first; docs/evaluation.md and :mod:`mdlib.protocols`), and normalised with ImageNet's mean/std,
-CLIP with CLIP's own.
+Images reach each network as an evaluation protocol prepares them (``protocol=``: ``"mdlib"``, ``"mindeye"``
+or ``"braindiffuser"``; :mod:`mdlib.protocols`, docs/evaluation.md): the sizes above are MindEye's, which the
+``"mdlib"`` protocol keeps; Brain-Diffuser gave every network 224 px and loaded EfficientNet-B1's
+``IMAGENET1K_V1`` weights; MindEye ran CLIP in float16 on CUDA. Inputs are then normalised with ImageNet's
+mean/std, CLIP's with CLIP's own.
 
-Weights (``weights=``): ``"pretrained"`` loads the published weights (torchvision's ImageNet weights for
-AlexNet, Inception v3 and EfficientNet-B1 ``IMAGENET1K_V2``; Facebook's SwAV 800-epoch ResNet-50; OpenAI's
-ViT-L/14 from the Hugging Face hub) and downloads what is missing; ``"auto"`` (default) uses each file that is
-already on this machine (torch hub's ``checkpoints/`` folder, the Hugging Face cache) and builds the same
-network with seeded random weights where it is not, never downloading; ``"random"`` uses random weights
-throughout. Every network states its weight source (:meth:`EvalNetworks.header`), and a table built on any
-random-weight network says so in its header: such numbers compare rows of one table, never published ones.
+Weights (``weights=``): ``"auto"`` (default) uses each network whose published weights are on this machine
+(torch hub's ``checkpoints/`` folder, the Hugging Face cache) and *leaves out* the metrics of the others, never
+downloading; ``"pretrained"`` downloads what is missing; ``"random"`` gives every network seeded random weights
+(to exercise the code; every table then says so loudly: such numbers compare rows of one table, never
+published ones). ``clip=`` puts another CLIP in the CLIP column, such as the mini path's trained tiny CLIP:
+the table labels it. :func:`fetch_weights` (``mdlib eval-weights``) downloads every file once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mdlib import protocols
 from mdlib.device import resolve_device
 from mdlib.models import WeightsNotFoundError
 
 WEIGHT_POLICIES = ("auto", "pretrained", "random")
+#: The CLIP column per preset (:meth:`EvalNetworks.for_preset`): None is OpenAI's ViT-L/14 (by the weight
+#: policy); "tiny-trained" the mini path's trained tiny CLIP (:func:`mdlib.models.load_clip_vision`).
+PRESET_CLIP = {"nsd": None, "mini": "tiny-trained"}
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+#: How to get the pretrained files (said wherever a metric is left out for want of them).
+FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB; README, \"Evaluation weights\")"
 #: Facebook's SwAV ResNet-50 (800 epochs), the file torch.hub's ``facebookresearch/swav:main`` loads.
 SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
 
@@ -89,18 +95,20 @@ NETWORKS: dict[str, NetworkSpec] = {
 }
 
 
-def _torchvision_weights(key: str):
+def _torchvision_weights(key: str, protocol: str | protocols.Protocol = "mdlib"):
     from torchvision import models as tvm
 
+    effnet = tvm.EfficientNet_B1_Weights[protocols.get(protocol).effnet_weights]
     return {"alexnet": tvm.AlexNet_Weights.IMAGENET1K_V1, "inception": tvm.Inception_V3_Weights.IMAGENET1K_V1,
-            "effnet": tvm.EfficientNet_B1_Weights.IMAGENET1K_V2}.get(key)
+            "effnet": effnet}.get(key)
 
 
-def weights_url(key: str) -> str | None:
-    """Where a network's published weights are downloaded from (None for CLIP, which comes from the hub)."""
+def weights_url(key: str, protocol: str | protocols.Protocol = "mdlib") -> str | None:
+    """Where a network's published weights are downloaded from under ``protocol`` (EfficientNet-B1's differ:
+    ``IMAGENET1K_V1`` for Brain-Diffuser's); None for CLIP, which comes from the Hugging Face hub."""
     if key == "swav":
         return SWAV_URL
-    w = _torchvision_weights(key)
+    w = _torchvision_weights(key, protocol)
     return None if w is None else w.url
 
 
@@ -109,9 +117,9 @@ def checkpoints_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def cached_weights_file(key: str) -> Path | None:
+def cached_weights_file(key: str, protocol: str | protocols.Protocol = "mdlib") -> Path | None:
     """The local file of a torchvision/SwAV network's weights, where torch hub keeps downloads."""
-    url = weights_url(key)
+    url = weights_url(key, protocol)
     return None if url is None else checkpoints_dir() / os.path.basename(url)
 
 
@@ -143,10 +151,11 @@ def _architecture(key: str, clip_name: str) -> torch.nn.Module:
     raise KeyError(f"unknown evaluation network {key!r}; known: {sorted(NETWORKS)}")
 
 
-def _load_state_dict(key: str, download: bool, progress: bool) -> dict[str, torch.Tensor]:
-    url = weights_url(key)
+def _load_state_dict(key: str, download: bool, progress: bool,
+                     protocol: str | protocols.Protocol = "mdlib") -> dict[str, torch.Tensor]:
+    url = weights_url(key, protocol)
     assert url is not None
-    target = cached_weights_file(key)
+    target = cached_weights_file(key, protocol)
     if not download and not target.is_file():
         raise FileNotFoundError(target)
     try:
@@ -156,8 +165,8 @@ def _load_state_dict(key: str, download: bool, progress: bool) -> dict[str, torc
     except (OSError, RuntimeError) as err:  # URLError is an OSError; a hash mismatch a RuntimeError
         raise RuntimeError(
             f"could not load the {NETWORKS[key].title} weights from {url} ({type(err).__name__}: {err}).\n"
-            f"Download the file on a connected machine into {target}, or evaluate with weights='auto' or "
-            f"'random' (random-weight networks, flagged in every table).") from None
+            f"Run `mdlib eval-weights` on a connected machine (or download the file into {target}), or evaluate "
+            f"with weights='auto' (this network's metrics left out) or 'random' (flagged in every table).") from None
     if key == "swav":
         # The SwAV checkpoint was saved from DistributedDataParallel and holds the projection head and
         # prototypes too: keep the ResNet-50 trunk, which has no classifier (fc) in SwAV.
@@ -174,40 +183,48 @@ def _clip_weights(download: bool, cache_dir) -> Path:
 
 
 class EvalNetworks:
-    """The evaluation networks, loaded on first use, with their features cached per image set.
+    """The evaluation networks under one protocol, loaded on first use, with their features cached per image set.
 
     Args:
-        weights: ``"auto"`` (default: pretrained where the file is on this machine, else random, never
-            downloading), ``"pretrained"`` (download what is missing; fail if that is impossible) or
-            ``"random"`` (random weights everywhere). See the module docstring.
+        weights: ``"auto"`` (default: pretrained where the file is on this machine; the other networks'
+            metrics are left out, never downloading), ``"pretrained"`` (download what is missing; fail if that
+            is impossible) or ``"random"`` (seeded random weights everywhere). See the module docstring.
+        protocol: how images reach the networks (:data:`mdlib.protocols.PROTOCOLS`; docs/evaluation.md): the
+            resize chain and input size per network, EfficientNet-B1's weights and CLIP's precision.
+        clip: a :class:`mdlib.models.ClipVision` for the CLIP column instead of OpenAI's ViT-L/14 (the mini
+            path's trained tiny CLIP): its image embedding, at its own input size and normalisation, whatever
+            ``weights`` says; every header and table labels it.
         device, dtype: where the networks run (None: CUDA when available; float32).
         seed: random weights are drawn from ``seed`` (plus a fixed offset per network): reproducible.
         batch_size: images per forward pass.
-        sizes: input size per network key, overriding :data:`NETWORKS` (e.g. Brain-Diffuser's 224).
         cache_dir: the Hugging Face cache for CLIP's weights (default: the library's).
         progress: tqdm bars while extracting features.
 
-    >>> nets = EvalNetworks(weights="random")                                     # doctest: +SKIP
-    >>> feats = nets.features(stimuli)  # {"AlexNet(2)": (n, 43200), ..., "SwAV": (n, 2048)}
+    >>> nets = EvalNetworks(protocol="mindeye")                                 # doctest: +SKIP
+    >>> nets.usable()               # the metrics whose networks have weights here
+    >>> feats = nets.features(stimuli, nets.usable())  # {"AlexNet(2)": (n, 43200), ..., "SwAV": (n, 2048)}
     """
 
-    def __init__(self, weights: str = "auto", device: str | torch.device | None = None,
-                 dtype: torch.dtype | str | None = None, seed: int = 0, batch_size: int = 16,
-                 sizes: Mapping[str, int] | None = None, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = True) -> None:
+    def __init__(self, weights: str = "auto", protocol: str = "mdlib", clip=None,
+                 device: str | torch.device | None = None, dtype: torch.dtype | str | None = None, seed: int = 0,
+                 batch_size: int = 16, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> None:
         if weights not in WEIGHT_POLICIES:
             raise ValueError(f"weights must be one of {WEIGHT_POLICIES}, got {weights!r}")
-        unknown = set(sizes or {}) - set(NETWORKS)
-        if unknown:
-            raise ValueError(f"sizes for unknown networks {sorted(unknown)}; known: {sorted(NETWORKS)}")
         from mdlib.models import _resolve_dtype, model_manifest
 
         self.weights = weights
+        self.protocol = protocols.get(protocol)
+        self.clip = clip
         self.device = resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
-        self.sizes = {k: int((sizes or {}).get(k, spec.size)) for k, spec in NETWORKS.items()}
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        #: Input size per network key (px): the protocol's, the substitute CLIP's own.
+        self.sizes = dict(self.protocol.network_sizes)
+        if clip is not None:
+            self.sizes["clip"] = int(clip.input_size)
         self.cache_dir = cache_dir
         self.progress = progress
         self.clip_name = model_manifest()["clip_eval"].get("open_clip_name", "ViT-L-14-quickgelu")
@@ -216,28 +233,85 @@ class EvalNetworks:
         self.models: dict[str, torch.nn.Module] = {}
         self._extractors: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {}
         self._cache: dict[str, dict[str, np.ndarray]] = {}
+        self._available: dict[str, bool] = {}
+
+    @classmethod
+    def for_preset(cls, preset: str, **kwargs) -> EvalNetworks:
+        """The evaluation networks a preset's lessons use (:data:`PRESET_CLIP`): on the mini path the trained
+        tiny CLIP takes the CLIP column, since no ViT-L/14 weights can be had there (its numbers are labelled);
+        on the real path, OpenAI's ViT-L/14. ``kwargs`` go to the constructor (``device``, ``protocol``, ...)."""
+        if preset not in PRESET_CLIP:
+            raise ValueError(f"preset must be one of {sorted(PRESET_CLIP)}, got {preset!r}")
+        source = PRESET_CLIP[preset]
+        if source is not None and kwargs.get("clip") is None:
+            from mdlib import models
+
+            device = resolve_device(kwargs.get("device"))
+            kwargs["clip"] = models.load_clip_vision(source, device=device, dtype=kwargs.get("dtype"))
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------------------------- availability
+    def available(self, key: str) -> bool:
+        """Whether network ``key`` can run: always under ``"random"`` and ``"pretrained"`` (which downloads) and
+        for a substitute CLIP; under ``"auto"`` when its published weights are on this machine."""
+        if key not in NETWORKS:
+            raise KeyError(f"unknown evaluation network {key!r}; known: {sorted(NETWORKS)}")
+        if self.weights != "auto" or (key == "clip" and self.clip is not None):
+            return True
+        if key not in self._available:
+            if key == "clip":
+                try:
+                    _clip_weights(False, self.cache_dir)
+                    self._available[key] = True
+                except (FileNotFoundError, WeightsNotFoundError):
+                    self._available[key] = False
+            else:
+                self._available[key] = cached_weights_file(key, self.protocol).is_file()
+        return self._available[key]
+
+    def usable(self, metrics: Iterable[str] | None = None) -> list[str]:
+        """The feature metrics among ``metrics`` (default: all six) whose networks can run here."""
+        names = _check_metrics(metrics)
+        return [n for n in names if self.available(METRICS_BY_NAME[n].network)]
+
+    def left_out(self, metrics: Iterable[str] | None = None) -> list[str]:
+        """The feature metrics among ``metrics`` (default: all six) that ``"auto"`` leaves out for want of weights."""
+        usable = set(self.usable(metrics))
+        return [n for n in _check_metrics(metrics) if n not in usable]
 
     # ------------------------------------------------------------------------------------------ loading
     def load(self, key: str) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
         """Build network ``key`` (with the weight policy) and return its feature extractor."""
         if key in self._extractors:
             return self._extractors[key]
-        if key not in NETWORKS:
-            raise KeyError(f"unknown evaluation network {key!r}; known: {sorted(NETWORKS)}")
+        if not self.available(key):
+            where = "the Hugging Face cache" if key == "clip" else str(cached_weights_file(key, self.protocol))
+            raise WeightsNotFoundError(
+                f"no pretrained {NETWORKS[key].title} weights in {where}, and weights='auto' never downloads nor "
+                f"draws random weights: {FETCH_HINT}; or leave its metrics out (EvalNetworks.usable()).")
+        if key == "clip" and self.clip is not None:
+            model = self.clip.visual
+            dtype = self.clip.dtype
+            self.sources[key] = (f"{self.clip.source or 'a CLIP model'!r} ({self.clip.embed_dim}-d embedding) in place "
+                                 "of ViT-L/14: the CLIP and CLIP-cos columns are its numbers")
+            self.pretrained[key] = True
+        else:
+            model, dtype = self._build(key)
+        model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.models[key] = model
+        self._extractors[key] = self._extractor(key, model)
+        return self._extractors[key]
+
+    def _build(self, key: str) -> tuple[torch.nn.Module, torch.dtype]:
         state, source = None, ""
         if self.weights != "random":
             download = self.weights == "pretrained"
-            try:
-                if key == "clip":
-                    state = _clip_weights(download, self.cache_dir)
-                    source = f"pretrained: OpenAI {self.clip_name} ({state})"
-                else:
-                    state = _load_state_dict(key, download, self.progress)
-                    source = f"pretrained: {weights_url(key)}"
-            except (FileNotFoundError, WeightsNotFoundError):  # no local file: "auto" draws random weights
-                if download:
-                    raise
-                state = None
+            if key == "clip":
+                state = _clip_weights(download, self.cache_dir)
+                source = f"pretrained: OpenAI {self.clip_name} ({state})"
+            else:
+                state = _load_state_dict(key, download, self.progress, self.protocol)
+                source = f"pretrained: {weights_url(key, self.protocol)}"
         offset = list(NETWORKS).index(key)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 101 + offset)
@@ -253,14 +327,11 @@ class EvalNetworks:
                         raise RuntimeError(f"the SwAV checkpoint does not fit ResNet-50: missing {missing}, "
                                            f"unexpected {unexpected}")
         if state is None:
-            where = "the Hugging Face cache" if key == "clip" else str(cached_weights_file(key))
-            source = f"RANDOM weights (seed {self.seed}; no pretrained file in {where})"
-        model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+            source = f"RANDOM weights (seed {self.seed}; weights='random')"
         self.sources[key] = source
         self.pretrained[key] = state is not None
-        self.models[key] = model
-        self._extractors[key] = self._extractor(key, model)
-        return self._extractors[key]
+        dtype = self.protocol.clip_dtype(self.device, self.dtype) if key == "clip" else self.dtype
+        return model, dtype
 
     @staticmethod
     def _extractor(key: str, model: torch.nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
@@ -285,27 +356,30 @@ class EvalNetworks:
 
     # ----------------------------------------------------------------------------------------- features
     def preprocess(self, key: str, images) -> torch.Tensor:
-        """(n, H, W, 3) uint8 or (n, 3, H, W) float in [0, 1] -> the network's normalised input batch."""
-        from mdlib.features import resize_images, to_unit_images
+        """(n, H, W, 3) uint8 or (n, 3, H, W) float in [0, 1] -> the network's normalised input batch: resized as
+        the protocol resizes (:func:`mdlib.protocols.network_inputs`), normalised, in the network's dtype."""
         from mdlib.models import normalization_stats
 
-        x = to_unit_images(images, device=self.device).float()
-        x = resize_images(x, self.sizes[key], mode="bilinear-aa").clamp(0.0, 1.0)
-        mean, std = IMAGENET_STATS if NETWORKS[key].normalization == "imagenet" else \
-            normalization_stats("clip")
+        x = protocols.network_inputs(images, self.protocol, key, size=self.sizes[key]).to(self.device)
+        if key == "clip" and self.clip is not None:
+            mean, std = self.clip.mean, self.clip.std
+        elif NETWORKS[key].normalization == "imagenet":
+            mean, std = IMAGENET_STATS
+        else:
+            mean, std = normalization_stats("clip")
         mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        model = self.models.get(key)
+        dtype = next(model.parameters()).dtype if model is not None else self.dtype
+        return ((x - mean) / std).to(dtype)
 
     def features(self, images, metrics: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Features of ``images`` for each metric name (default: all six), (n, d) float32 each, flattened.
 
-        Cached by the images' content: the stimuli, evaluated against every condition, are computed once.
+        Cached by the images' content: the stimuli, evaluated against every condition and every subject, are
+        computed once. A metric whose network has no weights here (``"auto"``) raises: ask :meth:`usable` first.
         """
-        names = list(metrics) if metrics is not None else [m.name for m in FEATURE_METRICS]
-        for name in names:
-            if name not in METRICS_BY_NAME:
-                raise KeyError(f"unknown feature metric {name!r}; known: {list(METRICS_BY_NAME)}")
+        names = _check_metrics(metrics)
         arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         key = _content_key(arr)
         have = self._cache.setdefault(key, {})
@@ -333,32 +407,63 @@ class EvalNetworks:
         return {n: have[n] for n in names}
 
     # ----------------------------------------------------------------------------------------- header
-    def header(self, metrics: Iterable[str] | None = None) -> str:
-        """Which weights the networks behind ``metrics`` carry; loud when any are random."""
-        names = list(metrics) if metrics is not None else [m.name for m in FEATURE_METRICS]
-        keys = [k for k in NETWORKS if any(METRICS_BY_NAME[n].network == k for n in names if n in METRICS_BY_NAME)]
+    def source_lines(self, metrics: Iterable[str] | None = None) -> dict[str, str]:
+        """Per network behind the usable ``metrics``: ``"<title> (<size> px[, dtype]): <weight source>"``."""
+        keys = [k for k in NETWORKS if any(METRICS_BY_NAME[n].network == k for n in self.usable(metrics))]
+        lines = {}
         for k in keys:
             self.load(k)
-        random = [NETWORKS[k].title for k in keys if not self.pretrained[k]]
-        lines = []
-        if random:
-            lines.append(f"RANDOM-WEIGHT NETWORKS: {', '.join(random)}. Their columns measure untrained networks "
-                         "(no pretrained file on this machine): compare rows of this table with each other, "
-                         "never with published numbers.")
-        lines += [f"{NETWORKS[k].title} ({self.sizes[k]} px): {self.sources[k]}" for k in keys]
-        return "\n".join(lines)
+            title = self._clip_tag() if k == "clip" and self.clip is not None else NETWORKS[k].title
+            dtype = next(self.models[k].parameters()).dtype
+            extra = f", {str(dtype).removeprefix('torch.')}" if dtype != torch.float32 else ""
+            lines[k] = f"{title} ({self.sizes[k]} px{extra}): {self.sources[k]}"
+        return lines
+
+    def _clip_tag(self) -> str:
+        return "tiny CLIP" if "tiny" in str(self.clip.source) else "substitute CLIP"
+
+    def labels(self) -> dict[str, str]:
+        """Column labels that differ from the metric names: the substitute CLIP's columns say whose they are."""
+        if self.clip is None:
+            return {}
+        tag = self._clip_tag()
+        return {"CLIP": f"CLIP ({tag})", "CLIP-cos": f"CLIP-cos ({tag})"}
+
+    def header(self, metrics: Iterable[str] | None = None) -> str:
+        """The protocol, the metrics left out, and which weights the networks behind ``metrics`` carry; loud when
+        any are random (the same text as :func:`mdlib.evaluation.table` puts on a table)."""
+        from mdlib.evaluation import header_text
+
+        return header_text(self.protocol.name, self.source_lines(metrics), self.left_out(metrics), self.labels())
+
+
+def _check_metrics(metrics: Iterable[str] | None) -> list[str]:
+    names = list(metrics) if metrics is not None else [m.name for m in FEATURE_METRICS]
+    for name in names:
+        if name not in METRICS_BY_NAME:
+            raise KeyError(f"unknown feature metric {name!r}; known: {list(METRICS_BY_NAME)}")
+    return names
 
 
 def fetch_weights(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, str]:
-    """Download every evaluation network's published weights (needs the network; run once, at home).
+    """Download every evaluation network's published weights, for every protocol (needs the network; run once,
+    at home; ``mdlib eval-weights``).
 
-    The torchvision and SwAV files go to torch hub's ``checkpoints/``; CLIP ViT-L/14 to the Hugging Face
-    cache. Returns each network's weight source. Afterwards ``weights="auto"`` finds them offline.
+    The torchvision and SwAV files go to torch hub's ``checkpoints/`` (EfficientNet-B1's twice: ``IMAGENET1K_V2``
+    for the "mdlib" and "mindeye" protocols, ``IMAGENET1K_V1`` for "braindiffuser"); CLIP ViT-L/14 to the
+    Hugging Face cache. Returns each file's weight source, keyed ``network`` (``effnet@IMAGENET1K_V1`` for the
+    second EfficientNet). Afterwards ``weights="auto"`` finds them offline.
     """
-    nets = EvalNetworks(weights="pretrained", device="cpu", cache_dir=cache_dir, progress=progress)
-    for key in NETWORKS:
-        nets.load(key)
-    return dict(nets.sources)
+    sources: dict[str, str] = {}
+    for proto in ("mdlib", "braindiffuser"):
+        nets = EvalNetworks(weights="pretrained", protocol=proto, device="cpu", cache_dir=cache_dir,
+                            progress=progress)
+        keys = NETWORKS if proto == "mdlib" else ["effnet"]
+        for key in keys:
+            nets.load(key)
+            name = key if proto == "mdlib" else f"effnet@{nets.protocol.effnet_weights}"
+            sources[name] = nets.sources[key]
+    return sources
 
 
 def _content_key(arr: np.ndarray) -> str:

@@ -9,41 +9,38 @@
 - :func:`two_way_identification`: percent of the other images whose features correlate less with a
   reconstruction than its own stimulus's do (chance 0.5).
 
-Resizing: float images, bilinear with antialiasing, clipped to [0, 1] (the "mdlib" protocol; the published
-tables' own preprocessing, which differs, is in docs/evaluation.md and :mod:`mdlib.protocols`). Inputs may be uint8 (n, H, W, 3) arrays (stimuli as
-:meth:`mdlib.nsd.stimuli.StimulusReader.read` returns them, reconstructions as :mod:`mdlib.stage1` saves them)
-or float (n, 3, H, W) in [0, 1].
+Resizing follows an evaluation protocol (:mod:`mdlib.protocols`, docs/evaluation.md): ``"mdlib"`` by default
+(one bilinear resize with antialiasing, clipped to [0, 1]), or ``"mindeye"`` / ``"braindiffuser"`` as the
+published tables were made (Brain-Diffuser's SSIM is also the old column-wise one). Inputs may be uint8
+(n, H, W, 3) arrays (stimuli as :meth:`mdlib.nsd.stimuli.StimulusReader.read` returns them, reconstructions as
+:mod:`mdlib.stage1` saves them) or float (n, 3, H, W) in [0, 1].
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch.nn.functional as F
 
-#: Both images are compared at NSD's stimulus size (EVALUATION.md).
+from mdlib import protocols as P
+
+#: Both images are compared at NSD's stimulus size (docs/evaluation.md).
 EVAL_SIZE = 425
 
 
-def prepare(images, size: int = EVAL_SIZE) -> np.ndarray:
-    """(n, H, W, 3) uint8 or (n, 3, H, W) float in [0, 1] -> (n, size, size, 3) float64 in [0, 1]."""
-    from mdlib.features import to_unit_images
-
-    x = to_unit_images(images).detach().float().cpu()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(int(size), int(size)), mode="bilinear", align_corners=False, antialias=True)
-    return x.clamp(0.0, 1.0).permute(0, 2, 3, 1).double().numpy()
+def prepare(images, size: int = EVAL_SIZE, protocol: str = "mdlib") -> np.ndarray:
+    """(n, H, W, 3) uint8 or (n, 3, H, W) float in [0, 1] -> (n, size, size, 3) float64 in [0, 1], resized as
+    ``protocol`` resizes for PixCorr and SSIM (:func:`mdlib.protocols.pixel_images`)."""
+    return P.pixel_images(images, protocol, size)
 
 
-def _pair(recons, stims, size: int) -> tuple[np.ndarray, np.ndarray]:
-    a, b = prepare(recons, size), prepare(stims, size)
-    if len(a) != len(b):
-        raise ValueError(f"{len(a)} reconstructions for {len(b)} stimuli: they must be paired one to one")
-    return a, b
+def _pair(recons, stims, size: int, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    if len(recons) != len(stims):
+        raise ValueError(f"{len(recons)} reconstructions for {len(stims)} stimuli: they must be paired one to one")
+    return prepare(recons, size, protocol), prepare(stims, size, protocol)
 
 
-def pixcorr_per_image(recons, stims, size: int = EVAL_SIZE) -> np.ndarray:
+def pixcorr_per_image(recons, stims, size: int = EVAL_SIZE, protocol: str = "mdlib") -> np.ndarray:
     """(n,) Pearson r between each reconstruction's and its stimulus's pixels (RGB, at size x size)."""
-    a, b = _pair(recons, stims, size)
+    a, b = _pair(recons, stims, size, protocol)
     a = a.reshape(len(a), -1)
     b = b.reshape(len(b), -1)
     a = a - a.mean(1, keepdims=True)
@@ -53,29 +50,27 @@ def pixcorr_per_image(recons, stims, size: int = EVAL_SIZE) -> np.ndarray:
         return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), np.nan)
 
 
-def ssim_per_image(recons, stims, size: int = EVAL_SIZE) -> np.ndarray:
-    """(n,) SSIM of each reconstruction with its stimulus, grey, at size x size (EVALUATION.md's settings)."""
-    from skimage.color import rgb2gray
-    from skimage.metrics import structural_similarity
-
-    a, b = _pair(recons, stims, size)
-    return np.array([structural_similarity(rgb2gray(x), rgb2gray(y), gaussian_weights=True, sigma=1.5,
-                                           use_sample_covariance=False, data_range=1.0) for x, y in zip(a, b)])
+def ssim_per_image(recons, stims, size: int = EVAL_SIZE, protocol: str = "mdlib") -> np.ndarray:
+    """(n,) SSIM of each reconstruction with its stimulus, grey (``rgb2gray``), at size x size: true 2-D SSIM,
+    or the mean of column SSIMs under ``"braindiffuser"`` (:func:`mdlib.protocols.ssim_grey`)."""
+    a, b = _pair(recons, stims, size, protocol)
+    variant = P.get(protocol).ssim
+    return np.array([P.ssim_grey(x, y, variant) for x, y in zip(P.grey(a), P.grey(b))])
 
 
-def pixcorr(recons, stims, size: int = EVAL_SIZE) -> float:
+def pixcorr(recons, stims, size: int = EVAL_SIZE, protocol: str = "mdlib") -> float:
     """Mean PixCorr over images (NaN images, i.e. constant ones, are ignored)."""
-    return float(np.nanmean(pixcorr_per_image(recons, stims, size)))
+    return float(np.nanmean(pixcorr_per_image(recons, stims, size, protocol)))
 
 
-def ssim(recons, stims, size: int = EVAL_SIZE) -> float:
+def ssim(recons, stims, size: int = EVAL_SIZE, protocol: str = "mdlib") -> float:
     """Mean SSIM over images."""
-    return float(np.mean(ssim_per_image(recons, stims, size)))
+    return float(np.mean(ssim_per_image(recons, stims, size, protocol)))
 
 
 def two_way_identification(recon_features, stim_features) -> np.ndarray:
     """(n,) for each reconstruction i, the fraction of stimuli j != i with corr(recon_i, stim_j) <
-    corr(recon_i, stim_i); features (n, d) (flattened if more dims). Chance is 0.5 (EVALUATION.md)."""
+    corr(recon_i, stim_i); features (n, d) (flattened if more dims). Chance is 0.5 (docs/evaluation.md)."""
     a, b = _matched(recon_features, stim_features)
     if len(a) < 2:
         raise ValueError("two-way identification needs at least 2 images")

@@ -33,7 +33,7 @@ unchanged then, PIL's ``resize`` a copy, mdlib's resize the input).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -44,6 +44,7 @@ PROTOCOLS = ("mindeye", "braindiffuser", "mdlib")
 #: The evaluation networks, keyed as :data:`mdlib.evalnets.NETWORKS` is.
 NETWORK_KEYS = ("alexnet", "inception", "clip", "effnet", "swav")
 SSIM_VARIANTS = ("2d", "columns")
+CLIP_PRECISIONS = ("clip.load", "float32", "networks")
 #: SSIM settings common to all three protocols (Wang et al. 2004 as scikit-image spells them).
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5  # scikit-image's, giving an 11-sample window at sigma 1.5
@@ -94,7 +95,9 @@ class Protocol:
         quantize: images pass through 8 bits (PNG files) before any step; float input is converted as
             torchvision's ``to_pil_image`` does, ``(x * 255).byte()`` (truncation).
         clamp: the float result is clamped to [0, 1].
-        clip_precision: the dtype CLIP ViT-L/14 ran in (informative; :mod:`mdlib.evalnets` has its own).
+        clip_precision: the dtype CLIP ViT-L/14 ran in, as a rule: ``"clip.load"`` (OpenAI's ``clip.load``:
+            float16 on a CUDA device, float32 on the CPU), ``"float32"``, or ``"networks"`` (the dtype the
+            evaluation networks run in); :meth:`clip_dtype` applies it.
         sources: the files the steps were read from (docs/evaluation.md has the lines).
     """
 
@@ -115,9 +118,17 @@ class Protocol:
             raise ValueError(f"ssim must be one of {SSIM_VARIANTS}, got {self.ssim!r}")
         if set(self.network_chains) != set(NETWORK_KEYS):
             raise ValueError(f"network_chains must cover {NETWORK_KEYS}, got {sorted(self.network_chains)}")
+        if self.clip_precision not in CLIP_PRECISIONS:
+            raise ValueError(f"clip_precision must be one of {CLIP_PRECISIONS}, got {self.clip_precision!r}")
         if self.pixel_chain[-1].size != self.pixel_size:
             raise ValueError("pixel_chain must end at pixel_size")
         object.__setattr__(self, "network_chains", MappingProxyType(dict(self.network_chains)))
+
+    def clip_dtype(self, device: torch.device | str, networks_dtype: torch.dtype) -> torch.dtype:
+        """The dtype CLIP ViT-L/14 runs in under this protocol on ``device`` (see ``clip_precision``)."""
+        if self.clip_precision == "clip.load":
+            return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.float32 if self.clip_precision == "float32" else networks_dtype
 
     def network_size(self, net: str) -> int:
         """The input size (px) of network ``net``."""
@@ -137,7 +148,9 @@ class Protocol:
         lines = [f"{self.title} protocol" + (" (8-bit images)" if self.quantize else ""),
                  f"PixCorr/SSIM at {self.pixel_size} px: {chain(self.pixel_chain)}; SSIM: {ssim}"]
         lines += [f"{k}: {chain(_chain(self, k))}" for k in NETWORK_KEYS]
-        lines.append(f"EfficientNet-B1 weights: {self.effnet_weights}; CLIP ViT-L/14 in {self.clip_precision}")
+        clip = {"clip.load": "float16 on CUDA, float32 on the CPU (clip.load)", "float32": "float32",
+                "networks": "the evaluation networks' dtype"}[self.clip_precision]
+        lines.append(f"EfficientNet-B1 weights: {self.effnet_weights}; CLIP ViT-L/14 in {clip}")
         return "\n".join(lines)
 
 
@@ -169,7 +182,7 @@ _MINDEYE = Protocol(
     effnet_weights="IMAGENET1K_V2",
     quantize=False,
     clamp=False,
-    clip_precision="float16 (clip.load on CUDA, encode_image)",
+    clip_precision="clip.load",
     sources=(_ME1, _ME2, "fMRI-reconstruction-NSD src/environment.yaml; MindEyeV2 src/setup.sh"),
 )
 
@@ -186,7 +199,7 @@ _BRAINDIFFUSER = Protocol(
     effnet_weights="IMAGENET1K_V1",
     quantize=True,
     clamp=False,
-    clip_precision="float32 (model.visual cast to float32)",
+    clip_precision="float32",
     sources=("ozcelikfu/brain-diffuser scripts/eval_extract_features.py",
              "ozcelikfu/brain-diffuser scripts/evaluate_reconstruction.py", "brain-diffuser environment.yml"),
 )
@@ -206,7 +219,7 @@ _MDLIB = Protocol(
     effnet_weights="IMAGENET1K_V2",
     quantize=False,
     clamp=True,
-    clip_precision="the EvalNetworks dtype",
+    clip_precision="networks",
     sources=("mdlib/metrics.py", "mdlib/evalnets.py"),
 )
 
@@ -283,15 +296,25 @@ def _apply(images, p: Protocol, chain: tuple[Resize, ...]) -> np.ndarray | torch
     return x
 
 
-def pixel_images(images, protocol: str | Protocol) -> np.ndarray:
+def _resized(chain: tuple[Resize, ...], size: int | None) -> tuple[Resize, ...]:
+    """``chain`` with its last step's size replaced by ``size`` (None: unchanged)."""
+    if size is None or int(size) == chain[-1].size:
+        return chain
+    if int(size) < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    return (*chain[:-1], replace(chain[-1], size=int(size)))
+
+
+def pixel_images(images, protocol: str | Protocol, size: int | None = None) -> np.ndarray:
     """Images as ``protocol`` compares them in PixCorr and SSIM: (n, S, S, 3) float64 in [0, 1], S = 425.
 
     "mindeye": float32 tensors, 256 px then 425 px (bilinear, no antialiasing); "braindiffuser": 8-bit,
-    PIL bicubic to 425 px (skipped at 425 px), then ``/ 255.0`` in float64; "mdlib": exactly
-    :func:`mdlib.metrics.prepare`.
+    PIL bicubic to 425 px (skipped at 425 px), then ``/ 255.0`` in float64; "mdlib": one antialiased
+    bilinear resize (:func:`mdlib.metrics.prepare` is this). ``size``: another final size S (the last step's;
+    for small test images), None for the protocol's.
     """
     p = get(protocol)
-    x = _apply(images, p, p.pixel_chain)
+    x = _apply(images, p, _resized(p.pixel_chain, size))
     if isinstance(x, np.ndarray):
         return x.astype(np.float64) / 255.0
     x = x.float()
@@ -300,14 +323,15 @@ def pixel_images(images, protocol: str | Protocol) -> np.ndarray:
     return x.permute(0, 2, 3, 1).double().numpy()
 
 
-def network_inputs(images, protocol: str | Protocol, net: str) -> torch.Tensor:
+def network_inputs(images, protocol: str | Protocol, net: str, size: int | None = None) -> torch.Tensor:
     """Images as ``protocol`` fed network ``net`` (a key of :data:`NETWORK_KEYS`), before the network's
     mean/std normalisation: float32 (n, 3, S, S) on the CPU, in [0, 1].
 
-    "braindiffuser": ``to_tensor`` of the PIL-resized 8-bit image (multiples of 1/255).
+    "braindiffuser": ``to_tensor`` of the PIL-resized 8-bit image (multiples of 1/255). ``size``: another
+    input size S for the last step (a substitute network with its own input size, e.g. the tiny CLIP's 56 px).
     """
     p = get(protocol)
-    x = _apply(images, p, _chain(p, net))
+    x = _apply(images, p, _resized(_chain(p, net), size))
     x = _to_float(x)
     if p.clamp:
         x = x.clamp(0.0, 1.0)

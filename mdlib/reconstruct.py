@@ -630,10 +630,12 @@ def read_outputs(folder: str | os.PathLike, nsd_id: int) -> dict[str, np.ndarray
 
 
 def gather(job: Job, metrics: Sequence[str] | None = ("PixCorr", "SSIM"), eval_weights: str = "auto",
-           device: str | None = None, batch_size: int = 16, progress: bool = True) -> dict:
+           device: str | None = None, batch_size: int = 16, progress: bool = True, protocol: str = "mdlib") -> dict:
     """The per-image records of a run folder as a results table, and the evaluation metrics of the done images
-    against their stimuli (:func:`mdlib.evaluation.evaluate`; ``metrics`` from
-    :data:`mdlib.evaluation.ALL_METRICS`, the networks' weights by ``eval_weights`` as in lesson 06).
+    against their stimuli under ``protocol`` (:func:`mdlib.evaluation.evaluate`; ``metrics`` from
+    :data:`mdlib.evaluation.ALL_METRICS`; the networks as lesson 06 has them: ``eval_weights``, the preset's CLIP
+    column by :meth:`mdlib.evalnets.EvalNetworks.for_preset`; metrics without pretrained weights here are left
+    out under ``"auto"``, and the header says which).
 
     Writes ``results.csv`` (one row per image: status, error, seed, cost, losses, per-image metrics),
     ``results.json`` (the same rows, the summary, the means and the header naming every network's weights)
@@ -642,9 +644,10 @@ def gather(job: Job, metrics: Sequence[str] | None = ("PixCorr", "SSIM"), eval_w
     """
     import pandas as pd
 
-    from mdlib import evaluation
+    from mdlib import evaluation, protocols
     from mdlib.nsd.stimuli import StimulusReader
 
+    protocol = protocols.get(protocol).name
     folder = job.folder
     settings = read_settings(folder)
     ids = select_images(settings["test_ids"], job.images)
@@ -660,12 +663,12 @@ def gather(job: Job, metrics: Sequence[str] | None = ("PixCorr", "SSIM"), eval_w
         if set(names) - {"PixCorr", "SSIM", "PCC"}:
             from mdlib.evalnets import EvalNetworks
 
-            nets = EvalNetworks(weights=eval_weights, device=device, seed=settings["seed"], batch_size=batch_size,
-                                progress=progress)
+            nets = EvalNetworks.for_preset(job.preset, weights=eval_weights, protocol=protocol, device=device,
+                                           seed=settings["seed"], batch_size=batch_size, progress=progress)
         recons = np.stack([read_image(folder, i) for i in done])
         with StimulusReader(job.root) as reader:
             stims = reader.read(done)
-        report = evaluation.evaluate(recons, stims, nets, metrics=names)
+        report = evaluation.evaluate(recons, stims, nets, metrics=names, protocol=protocol)
     rows = []
     for i, r in recs.items():
         row = {"nsd_id": i, "status": "missing" if r is None else r["status"],
@@ -684,7 +687,8 @@ def gather(job: Job, metrics: Sequence[str] | None = ("PixCorr", "SSIM"), eval_w
     header = (f"mdlib reconstruct: subject {job.subject}, {job.tag}, {len(done)} of {len(ids)} images done"
               + ("" if report is None else "\n" + report.header))
     result = {"subject": int(job.subject), "tag": job.tag, "images": [int(i) for i in ids], "summary": status,
-              "metrics": means, "metrics_images": len(done), "header": header, "settings": settings,
+              "protocol": protocol, "left_out": [] if report is None else report.left_out, "metrics": means,
+              "metrics_images": len(done), "header": header, "settings": settings,
               "rows": json.loads(table.reset_index().to_json(orient="records"))}
     text = table.to_csv(na_rep="")
     _write_atomic(folder / "results.csv", lambda f: f.write(text), mode="w")
@@ -729,7 +733,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'all' (default: MindDiffuser's three and the eight-metric table, as lesson 06), 'none', "
                         "or comma-separated names of mdlib.evaluation, e.g. PixCorr,SSIM")
     e.add_argument("--eval-weights", choices=("auto", "pretrained", "random"), default="auto",
-                   help="the evaluation networks' weights (auto: pretrained where the files are here, else random)")
+                   help="the evaluation networks' weights (auto: pretrained where the files are here; the other "
+                        "networks' metrics are left out)")
+    e.add_argument("--protocol", choices=("mdlib", "mindeye", "braindiffuser"), default="mdlib",
+                   help="how images are prepared for the metrics: mdlib (default), mindeye or braindiffuser, as "
+                        "the published tables were made (docs/evaluation.md)")
     s = p.add_argument_group("sharding (default: from torchrun / accelerate / SLURM environment variables)")
     s.add_argument("--rank", type=int, default=None)
     s.add_argument("--world-size", type=int, default=None)
@@ -799,8 +807,11 @@ def main(args: argparse.Namespace) -> int:
             print(format_summary(summarize(job.folder, select_images(settings["test_ids"], job.images)), job))
             return 0
         names = {"all": None, "none": []}.get(args.metrics, [m.strip() for m in args.metrics.split(",") if m.strip()])
-        out = gather(job, metrics=names, eval_weights=args.eval_weights, device=args.device, progress=progress)
+        out = gather(job, metrics=names, eval_weights=args.eval_weights, device=args.device, progress=progress,
+                     protocol=args.protocol)
         print(format_summary(out["summary"], job))
+        print(f"protocol {out['protocol']!r} (docs/evaluation.md)"
+              + (f"; left out for want of pretrained weights: {', '.join(out['left_out'])}" if out["left_out"] else ""))
         for name, value in out["metrics"].items():
             print(f"  {name}: {value:.4f}" if math.isfinite(value) else f"  {name}: nan")
         print(f"results: {job.folder / 'results.csv'}, {job.folder / 'results.json'}")

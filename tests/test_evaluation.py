@@ -1,7 +1,7 @@
 """The eight-metric table and MindDiffuser's three metrics, against independent computations.
 
 - layers: each network's extracted features equal the torchvision/open_clip modules run by hand up to the
-  layer EVALUATION.md names;
+  layer docs/evaluation.md names;
 - known answers: identical images give PixCorr = SSIM = CLIP-cos = 1, 100% identification and distance 0; a
   set shuffled against its stimuli identifies at about 50%; hand-made feature matrices give the fractions
   worked out by hand;
@@ -80,7 +80,9 @@ def test_inputs_are_resized_and_normalised_per_network(nets, scene_images):
     np.testing.assert_allclose(nets.preprocess("clip", grey)[0, :, 5, 5].numpy(),
                                (128 / 255 - np.array(mean)) / np.array(std), rtol=1e-5)
     assert nets.preprocess("clip", grey).shape[-1] == 224
-    assert evalnets.EvalNetworks(weights="random", sizes={"alexnet": 224}).sizes["alexnet"] == 224
+    # The protocol sets the sizes: Brain-Diffuser's 224 px for every network.
+    bd = evalnets.EvalNetworks(weights="random", protocol="braindiffuser")
+    assert bd.sizes == {k: 224 for k in evalnets.NETWORKS} and bd.preprocess("inception", grey).shape[-1] == 224
 
 
 # ------------------------------------------------------------------------------------------ known answers
@@ -170,8 +172,8 @@ def test_random_weights_are_seeded(scene_images):
 
 
 def test_auto_uses_a_local_file_and_never_downloads(tmp_path, monkeypatch, scene_images):
-    """A torchvision weights file where torch hub keeps downloads is used; a missing one gives random weights
-    with the header saying so, and nothing is downloaded."""
+    """A torchvision weights file where torch hub keeps downloads is used; a network whose file is missing is
+    left out (its metrics are not computed, the header says so and how to get them), and nothing is downloaded."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     calls = []
     real_load = torch.hub.load_state_dict_from_url
@@ -184,6 +186,8 @@ def test_auto_uses_a_local_file_and_never_downloads(tmp_path, monkeypatch, scene
     torch.manual_seed(123)
     import torchvision
 
+    from mdlib.models import WeightsNotFoundError
+
     stand_in = torchvision.models.alexnet(weights=None).state_dict()
     target = evalnets.cached_weights_file("alexnet")
     assert target.parent == tmp_path / "torch" / "hub" / "checkpoints"
@@ -191,19 +195,36 @@ def test_auto_uses_a_local_file_and_never_downloads(tmp_path, monkeypatch, scene
     torch.save(stand_in, target)
 
     nets = evalnets.EvalNetworks(weights="auto", progress=False)
+    assert nets.usable() == ["AlexNet(2)", "AlexNet(5)"]
+    assert nets.left_out() == ["InceptionV3", "CLIP", "EffNet-B", "SwAV"]
     nets.load("alexnet")
     assert nets.pretrained["alexnet"] and nets.sources["alexnet"].startswith("pretrained")
     for k, v in nets.models["alexnet"].state_dict().items():
         torch.testing.assert_close(v, stand_in[k])
-    nets.load("effnet")                        # no file: random, and no download attempted
-    assert not nets.pretrained["effnet"] and calls == [evalnets.weights_url("alexnet")]
+    with pytest.raises(WeightsNotFoundError, match="mdlib eval-weights"):
+        nets.load("effnet")                    # no file: no random weights, no download
+    assert calls == [evalnets.weights_url("alexnet")]
     header = nets.header(["AlexNet(2)", "EffNet-B"])
-    assert header.startswith("RANDOM-WEIGHT NETWORKS: EfficientNet-B1.")
-    assert "AlexNet (256 px): pretrained" in header
+    assert header.startswith("LEFT OUT: EffNet-B (no pretrained weights on this machine")
+    assert "AlexNet (256 px): pretrained" in header and "RANDOM" not in header
+    report = evaluation.evaluate(scene_images[:3], scene_images[3:6], nets)
+    assert set(report.values) == {"PixCorr", "SSIM", "PCC", "AlexNet(2)", "AlexNet(5)"}
+    assert report.left_out == ["InceptionV3", "CLIP", "EffNet-B", "SwAV", "CLIP-cos"]
+    df = evaluation.table({"r": report}, "eight")
+    assert df["SwAV"].isna().all() and "LEFT OUT: InceptionV3, CLIP, EffNet-B, SwAV" in df.attrs["header"]
+    assert "SwAV" not in evaluation.styled(df).data.columns        # a left-out column is not drawn
+    # Brain-Diffuser's EfficientNet-B1 weights are another file (IMAGENET1K_V1): found only when present.
+    bd = evalnets.EvalNetworks(weights="auto", protocol="braindiffuser", progress=False)
+    assert evalnets.weights_url("effnet", "braindiffuser") != evalnets.weights_url("effnet")
+    assert not bd.available("effnet")
+    torch.save(torchvision.models.efficientnet_b1(weights=None).state_dict(),
+               evalnets.cached_weights_file("effnet", "braindiffuser"))
+    assert evalnets.EvalNetworks(weights="auto", protocol="braindiffuser").available("effnet")
+    assert not evalnets.EvalNetworks(weights="auto", protocol="mindeye").available("effnet")
 
     rnd = evalnets.EvalNetworks(weights="random", progress=False)
     rnd.load("alexnet")
-    assert not rnd.pretrained["alexnet"]
+    assert not rnd.pretrained["alexnet"] and rnd.sources["alexnet"].startswith("RANDOM weights")
 
 
 def test_pretrained_fails_clearly_when_the_download_fails(tmp_path, monkeypatch):
@@ -221,8 +242,8 @@ def test_pretrained_fails_clearly_when_the_download_fails(tmp_path, monkeypatch)
     assert str(evalnets.cached_weights_file("alexnet")) in str(err.value)
     with pytest.raises(ValueError, match="weights must be one of"):
         evalnets.EvalNetworks(weights="imagenet")
-    with pytest.raises(ValueError, match="unknown networks"):
-        evalnets.EvalNetworks(sizes={"vgg": 224})
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evalnets.EvalNetworks(protocol="takagi")
 
 
 def test_swav_checkpoint_keys_are_mapped(tmp_path, monkeypatch):
@@ -254,8 +275,7 @@ def test_eval_clip_weights_come_from_the_hub_cache(tiny_dir, clip_stand_in):
     cache, snapshot = clip_stand_in("clip_eval")
     assert snapshot.parts[-3] == "models--timm--vit_large_patch14_clip_224.openai"
     nets = evalnets.EvalNetworks(weights="auto", cache_dir=cache, progress=False)
-    nets.load("clip")                                         # not cached yet: random weights
-    assert not nets.pretrained["clip"]
+    assert not nets.available("clip") and nets.usable(["CLIP"]) == []     # not cached yet: left out
     with pytest.raises(models.WeightsNotFoundError, match="hf download timm/vit_large_patch14_clip_224.openai"):
         evalnets.EvalNetworks(weights="pretrained", cache_dir=cache, progress=False).load("clip")
 
@@ -282,10 +302,18 @@ def test_tables_state_their_weights_and_never_mix_them(nets, scene_images, tmp_p
     md = evaluation.table(reports, "minddiffuser")
     assert list(md.columns) == ["images", "CLIP-cos", "SSIM", "PCC"]
 
+    assert "PROTOCOL 'mdlib'" in df.attrs["header"] and df.attrs["protocol"] == "mdlib"
+    # A report with a subset of the metrics, from the same networks, fits the same table.
+    subset = {**reports, "s": evaluation.evaluate(x, y, nets, metrics=["AlexNet(2)"])}
+    assert evaluation.table(subset).attrs["header"] == df.attrs["header"]
+
     other = evalnets.EvalNetworks(weights="random", seed=5, progress=False)
-    reports["c"] = evaluation.evaluate(x, y, other, metrics=["AlexNet(2)"])
     with pytest.raises(ValueError, match="different evaluation weights"):
-        evaluation.table(reports)
+        evaluation.table({**reports, "c": evaluation.evaluate(x, y, other, metrics=["AlexNet(2)"])})
+    with pytest.raises(ValueError, match="different protocols"):
+        evaluation.table({**reports, "m": evaluation.evaluate(x, y, protocol="mindeye")})
+    with pytest.raises(ValueError, match="differs from the networks'"):
+        evaluation.evaluate(x, y, nets, protocol="braindiffuser")
 
     path = evaluation.write_table(tmp_path / "t.csv", df)
     back = evaluation.read_table(path)
@@ -302,10 +330,15 @@ def test_published_numbers_are_evaluation_md_s(scene_images):
     assert pub.loc["MindDiffuser, without z", "PCC"] == .066
     assert pub.loc["Brain-IT (40 h)", "InceptionV3"] == 97.3
     assert "PUBLISHED" in pub.attrs["header"]
+    # PCC is PixCorr (one computation) wherever a paper reports PixCorr; each row names its protocol.
+    assert pub.loc["MindEye", "PCC"] == .392 and pub.loc["Brain-IT (40 h)", "PCC"] == .386
+    assert pub.loc["MindEye", "protocol"] == "mindeye" and pub.loc["MindEye2 (40 sessions)", "protocol"] == "mindeye"
+    assert pub.loc["MindDiffuser, full", "protocol"].startswith("unknown")
     ours = evaluation.table({"stage 1": evaluation.evaluate(scene_images[:2], scene_images[2:4])}, "all")
     both = evaluation.beside_published(ours, "mini-NSD, this run")
     assert both.index[0] == "stage 1" and both.loc["stage 1", "source"] == "mini-NSD, this run"
     assert both.loc["MindEye", "source"] == "MindEye (NeurIPS 2023)"
+    assert both.loc["stage 1", "protocol"] == "mdlib"
     assert both.attrs["header"].startswith("OURS (mini-NSD, this run)")
 
 
@@ -313,7 +346,8 @@ def test_fetch_weights_gets_every_network_once(tmp_path, monkeypatch, tiny_dir, 
     """fetch_weights asks torch hub for each torchvision/SwAV file and resolves CLIP in the hub cache; the
     downloads are stand-ins here (the networks' own fresh weights)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    urls = {evalnets.weights_url(k): k for k in ("alexnet", "inception", "effnet", "swav")}
+    urls = {evalnets.weights_url(k, p): k for k in ("alexnet", "inception", "effnet", "swav")
+            for p in ("mdlib", "braindiffuser")}
     asked = []
 
     def download(url, *args, weights_only=False, **kwargs):
@@ -327,5 +361,80 @@ def test_fetch_weights_gets_every_network_once(tmp_path, monkeypatch, tiny_dir, 
     name = "open_clip_model.safetensors"
     (snapshot / name).write_bytes((tiny_dir / "clip" / name).read_bytes())
     sources = evalnets.fetch_weights(cache_dir=cache, progress=False)
-    assert sorted(asked) == ["alexnet", "effnet", "inception", "swav"]
-    assert set(sources) == set(evalnets.NETWORKS) and all(v.startswith("pretrained") for v in sources.values())
+    assert sorted(asked) == ["alexnet", "effnet", "effnet", "inception", "swav"]   # EfficientNet-B1 V2 and V1
+    assert set(sources) == {*evalnets.NETWORKS, "effnet@IMAGENET1K_V1"}
+    assert all(v.startswith("pretrained") for v in sources.values())
+    assert sources["effnet@IMAGENET1K_V1"] != sources["effnet"]
+
+
+# ------------------------------------------------------------------------------- substitute CLIP, caching
+
+def test_the_mini_path_puts_its_tiny_clip_in_the_clip_column(scene_images):
+    """for_preset("mini"): the trained tiny CLIP computes CLIP and CLIP-cos (at its own 56 px and normalisation),
+    labelled wherever they are shown, in their own columns beside published numbers; the other networks are
+    left out without pretrained files."""
+    from mdlib import models
+
+    nets = evalnets.EvalNetworks.for_preset("mini", device="cpu", progress=False)
+    tiny = models.load_clip_vision("tiny-trained", device="cpu")
+    assert nets.sizes["clip"] == tiny.input_size == 56 and nets.available("clip")
+    x, y = scene_images[:5], scene_images[5:10]
+    report = evaluation.evaluate(x, y, nets, metrics=["CLIP", "CLIP-cos", "PixCorr"])
+    # Reference: the tiny CLIP's image embedding of the images resized (one antialiased bilinear resize) and
+    # normalised with its own statistics, written out here.
+    def embed(u8):
+        t = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255
+        t = torch.nn.functional.interpolate(t, size=(56, 56), mode="bilinear", antialias=True).clamp(0, 1)
+        t = (t - torch.tensor(tiny.mean).view(1, 3, 1, 1)) / torch.tensor(tiny.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            return tiny.visual(t).double().numpy()
+    a, b = embed(x), embed(y)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(report.per_image["CLIP-cos"], cos, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(report.per_image["CLIP"], 100 * metrics.two_way_identification(a, b), atol=1e-9)
+    assert report.labels == {"CLIP": "CLIP (tiny CLIP)", "CLIP-cos": "CLIP-cos (tiny CLIP)"}
+    df = evaluation.table({"r": report}, "all")
+    assert "CLIP (tiny CLIP) and CLIP-cos (tiny CLIP): a substitute for CLIP ViT-L/14" in df.attrs["header"]
+    shown = evaluation.styled(df)
+    assert "CLIP (tiny CLIP)" in shown.to_html()
+    both = evaluation.beside_published(df, "mini")
+    assert np.isnan(both.loc["r", "CLIP"]) and both.loc["r", "CLIP (tiny CLIP)"] == report.values["CLIP"]
+    assert np.isnan(both.loc["MindEye", "CLIP (tiny CLIP)"]) and both.loc["MindEye", "CLIP"] == 94.3
+    assert evalnets.EvalNetworks.for_preset("nsd", device="cpu").clip is None
+    with pytest.raises(ValueError, match="preset"):
+        evalnets.EvalNetworks.for_preset("imagenet")
+
+
+def test_the_stimuli_s_features_are_computed_once(scene_images, monkeypatch):
+    """Several conditions (and subjects) scored against one set of stimuli: each network sees the stimuli once."""
+    nets = evalnets.EvalNetworks(weights="random", device="cpu", seed=0, batch_size=8, progress=False)
+    seen = []
+    real = nets.preprocess
+
+    def spy(key, images):
+        seen.append((key, evalnets._content_key(np.asarray(images))))
+        return real(key, images)
+
+    monkeypatch.setattr(nets, "preprocess", spy)
+    stim = scene_images[10:14].copy()
+    for k in range(3):
+        evaluation.evaluate(scene_images[k * 4:k * 4 + 4], stim, nets, metrics=["AlexNet(2)", "SwAV"])
+    stim_key = evalnets._content_key(stim)
+    assert sum(1 for key, c in seen if c == stim_key) == 2        # alexnet and swav, once each
+    assert len(seen) == 3 * 2 + 2                                  # three reconstruction sets, the stimuli once
+
+
+def test_eval_weights_command(monkeypatch, capsys):
+    """`mdlib eval-weights` prints each file's source, or the download's error and exit status 1."""
+    from mdlib import cli
+
+    monkeypatch.setattr(evalnets, "fetch_weights", lambda cache_dir=None, progress=True: {"alexnet": "pretrained: x"})
+    assert cli.main(["eval-weights", "-q"]) == 0
+    assert "alexnet: pretrained: x" in capsys.readouterr().out
+
+    def offline(cache_dir=None, progress=True):
+        raise RuntimeError("could not load the AlexNet weights from https://... (URLError: no network)")
+
+    monkeypatch.setattr(evalnets, "fetch_weights", offline)
+    assert cli.main(["eval-weights"]) == 1
+    assert "mdlib eval-weights: could not load the AlexNet weights" in capsys.readouterr().err

@@ -257,3 +257,85 @@ def test_ssim_2d_is_mdlib_metrics():
     rec = np.clip(u8.astype(int) + 40, 0, 255).astype(np.uint8)
     g = P.grey(P.pixel_images(rec, "mdlib"))[0], P.grey(P.pixel_images(u8, "mdlib"))[0]
     assert P.ssim_grey(*g, "2d") == pytest.approx(metrics.ssim_per_image(rec, u8)[0], abs=1e-12)
+
+
+# ------------------------------------------------------------------------ the protocols in the evaluation
+
+def _reference_pixels(u8, protocol):
+    """PixCorr's and SSIM's 425-px images under each protocol, from the calls spelled out above, float64."""
+    if protocol == "mindeye":
+        return _mindeye_reference(u8, 425).permute(0, 2, 3, 1).double().numpy()
+    if protocol == "braindiffuser":
+        return np.stack([np.array(Image.fromarray(im).resize((425, 425), Image.BICUBIC)) for im in u8]) / 255.0
+    x = torch.nn.functional.interpolate(_float(u8), size=(425, 425), mode="bilinear", antialias=True)
+    return x.clamp(0, 1).permute(0, 2, 3, 1).double().numpy()
+
+
+@pytest.mark.parametrize("protocol", P.PROTOCOLS)
+def test_each_protocol_s_pixel_metrics_are_the_float64_formulas(protocol):
+    """evaluate(..., protocol=p): PixCorr = Pearson r of the reference pixels (np.corrcoef, float64); SSIM =
+    the 2-D SSIM of their grey images (MindEye, mdlib) or the column loop written above (Brain-Diffuser)."""
+    from skimage.metrics import structural_similarity
+
+    from mdlib import evaluation
+
+    stim = IMAGES["noise-425"]
+    rec = np.clip(np.asarray(Image.fromarray(stim[0]).resize((300, 300)).resize((512, 512))).astype(int) - 25,
+                  0, 255).astype(np.uint8)[None]
+    report = evaluation.evaluate(rec, stim, protocol=protocol)
+    a, b = _reference_pixels(rec, protocol), _reference_pixels(stim, protocol)
+    r = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    assert report.values["PixCorr"] == pytest.approx(r, abs=1e-6) and report.values["PCC"] == report.values["PixCorr"]
+    weights = np.array([0.2125, 0.7154, 0.0721])          # rgb2gray's (ITU-R 709)
+    ga, gb = a @ weights, b @ weights
+    if protocol == "braindiffuser":
+        ssim = _ssim_columns_loop(ga[0], gb[0])
+    else:
+        ssim = structural_similarity(ga[0], gb[0], gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                     data_range=1.0)
+    assert report.values["SSIM"] == pytest.approx(ssim, abs=1e-6)
+    assert report.protocol == protocol and f"PROTOCOL {protocol!r}" in report.header
+
+
+@pytest.mark.parametrize("protocol", P.PROTOCOLS)
+@pytest.mark.parametrize("net", P.NETWORK_KEYS)
+def test_evalnets_feeds_each_network_as_the_protocol_does(protocol, net):
+    """EvalNetworks(protocol=p).preprocess = the protocol's reference resize chain, then the network's
+    normalisation (ImageNet's; CLIP's own for CLIP)."""
+    from mdlib.evalnets import IMAGENET_STATS, EvalNetworks
+    from mdlib.models import normalization_stats
+
+    u8 = IMAGES["noise-300x360"]
+    if protocol == "mindeye":
+        ref = _mindeye_reference(u8, ME_SIZES[net])
+    elif protocol == "braindiffuser":
+        ref = torch.stack([TF.to_tensor(Image.fromarray(im).resize((224, 224), Image.BILINEAR)) for im in u8])
+    else:
+        ref = torch.nn.functional.interpolate(_float(u8), size=(ME_SIZES[net],) * 2, mode="bilinear",
+                                              antialias=True).clamp(0, 1)
+    mean, std = normalization_stats("clip") if net == "clip" else IMAGENET_STATS
+    ref = (ref - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    nets = EvalNetworks(weights="random", protocol=protocol, device="cpu", progress=False)
+    torch.testing.assert_close(nets.preprocess(net, u8), ref, atol=1e-6, rtol=0)
+
+
+def test_a_final_size_can_be_replaced():
+    """A substitute network's own input size (the tiny CLIP's 56 px) replaces the last step only."""
+    u8 = IMAGES["edges-512"]
+    out = P.network_inputs(u8, "mindeye", "clip", size=56)
+    ref = TF.resize(_mindeye_reference(u8, 256), [56, 56], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    assert P.pixel_images(u8, "braindiffuser", size=40).shape == (1, 40, 40, 3)
+    with pytest.raises(ValueError, match="positive"):
+        P.pixel_images(u8, "mdlib", size=0)
+
+
+def test_clip_precision_per_protocol():
+    """MindEye's clip.load keeps CLIP in float16 on CUDA and casts it to float32 on the CPU; Brain-Diffuser
+    casts to float32; mdlib runs CLIP in the networks' dtype."""
+    me, bd, md = (P.get(n) for n in P.PROTOCOLS)
+    assert me.clip_dtype("cuda", torch.float32) == torch.float16
+    assert me.clip_dtype("cpu", torch.bfloat16) == torch.float32
+    assert bd.clip_dtype("cuda", torch.bfloat16) == torch.float32
+    assert md.clip_dtype("cuda", torch.bfloat16) == torch.bfloat16
+    assert "float16 on CUDA" in me.describe()

@@ -281,6 +281,15 @@ def test_gather_builds_the_table_and_its_metrics_equal_a_direct_computation(shar
     assert "6 images: 5 done, 0 failed, 1 remaining" in capsys.readouterr().out
     assert cli.main([*base, "--gather", "--metrics", "PixCorr,SSIM"]) == 0
     assert f"SSIM: {got['metrics']['SSIM']:.4f}" in capsys.readouterr().out
+    # Another protocol: Brain-Diffuser's 8-bit PIL resizes and column SSIM, named in the files and the output.
+    assert cli.main([*base, "--gather", "--metrics", "PixCorr,SSIM", "--protocol", "braindiffuser"]) == 0
+    printed = capsys.readouterr().out
+    bd_ssim = metrics.ssim(recons, stims, protocol="braindiffuser")
+    assert "protocol 'braindiffuser'" in printed and f"SSIM: {bd_ssim:.4f}" in printed
+    assert abs(bd_ssim - got["metrics"]["SSIM"]) > 1e-4
+    saved = json.loads((one / "results.json").read_text())
+    assert saved["protocol"] == "braindiffuser" and "PROTOCOL 'braindiffuser'" in saved["header"]
+    assert "PROTOCOL 'braindiffuser'" in evaluation.read_table(one / "metrics.csv").attrs["header"]
 
 
 def test_decode_only_fills_the_cache_and_stops(mini_root, tmp_path, capsys):
