@@ -48,7 +48,7 @@ WEIGHT_POLICIES = ("auto", "pretrained", "random")
 PRESET_CLIP = {"nsd": None, "mini": "tiny-trained"}
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 #: How to get the pretrained files (said wherever a metric is left out for want of them).
-FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB; README, \"Evaluation weights\")"
+FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB; README, \"Evaluation weights and protocols\")"
 #: Facebook's SwAV ResNet-50 (800 epochs), the file torch.hub's ``facebookresearch/swav:main`` loads.
 SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
 
