@@ -191,10 +191,10 @@ def test_manifest_keys_are_the_layout_paths(subject):
     assert man.models == ROOT / "data_manifest" / "models.yaml"
 
 
-def test_readme_table_states_the_manifests_estimates():
-    """README's "Getting the real data" table is the manifest's estimates (GB, one decimal)."""
+def test_fetch_docs_table_states_the_manifests_estimates():
+    """docs/fetch.md's "Getting the real data" table is the manifest's estimates (GB, one decimal)."""
     man = fetch.load_manifest()
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "fetch.md").read_text()
     section = text.split("## Getting the real data", 1)[1].split("\n## ", 1)[0]
     for what in fetch.PURPOSES:
         row = next(line for line in section.splitlines() if line.startswith(f"| `--what {what}`"))

@@ -220,7 +220,7 @@ def test_the_diffusion_loss_is_sds_noise_mse_weighted_by_clamped_inverse_snr():
 
 def test_the_shipped_weights_are_intact_and_reproduce_their_recorded_quality():
     """mdlib/weights/tiny-trained (the mini path's models) against the numbers `mdlib train-mini --ship`
-    recorded when it installed them (README, "The mini world")."""
+    recorded when it installed them (docs/mini_world.md)."""
     import json
 
     folder = models.trained_tiny_dir()          # checks every file's size and SHA-256
@@ -236,8 +236,8 @@ def test_the_shipped_weights_are_intact_and_reproduce_their_recorded_quality():
         tol = 0.02 if key == "vae_psnr" else 1.5 / recorded["n_samples"]
         assert q[key] == pytest.approx(recorded[key], abs=tol), key
     assert q["prompts"] == recorded["prompts"]
-    # What the README claims of them: a VAE that keeps the scenes, caption retrieval far above chance (the
-    # samples do not follow their captions yet: the README says so, and nothing here claims it).
+    # What docs/mini_world.md claims of them: a VAE that keeps the scenes, caption retrieval far above chance
+    # (the samples do not follow their captions yet: docs/mini_world.md says so, and nothing here claims it).
     assert recorded["vae_psnr"] > 20
     assert recorded["clip_top1"] > 100 / recorded["n_heldout"] and recorded["clip_top5"] > 0.9
     assert recorded["real_top1"] > 0.5

@@ -1,7 +1,7 @@
 """NSD's relative paths: the one place in mdlib where they are written.
 
 Every path here is relative to a *data root* that mirrors the bucket ``s3://natural-scenes-dataset/``
-(see ``../shared/NSD.md``). The same strings serve as S3 keys for ``mdlib fetch`` and as paths under a
+(see ``docs/data.md``). The same strings serve as S3 keys for ``mdlib fetch`` and as paths under a
 local root, so they are POSIX strings. The COCO caption files do not come from the bucket; they live under
 ``coco/annotations/`` in the data root.
 

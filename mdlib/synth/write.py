@@ -1,6 +1,6 @@
 """Write mini-NSD: a small synthetic NSD in NSD's exact on-disk formats, so the real loaders read it unchanged.
 
-Every NSD file is written at the path :mod:`mdlib.nsd.layout` gives and in the format ``shared/NSD.md``
+Every NSD file is written at the path :mod:`mdlib.nsd.layout` gives and in the format ``docs/data.md``
 describes (design ``.mat``, stimulus-info ``.csv``, ``imgBrick`` HDF5, COCO caption JSON, int16 betas as
 ``.nii.gz`` and ``.hdf5``, ROI volumes and ``.mgz.ctab`` files, anatomy). Sizes are parameters; nothing is
 sized by NSD's constants (73000 images, 425 px, 750 trials).
