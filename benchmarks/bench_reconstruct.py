@@ -1,6 +1,6 @@
 """Benchmark of `mdlib reconstruct` (mdlib.reconstruct): the measured cost per image of each mode, on this device.
 
-Prints a markdown table (paste it into README.md, "Reconstructing a whole test set"). Not a test: timings
+Prints a markdown table (paste it into docs/reconstruct.md, "Cost per image"). Not a test: timings
 depend on the machine and on what else runs on it.
 
     python benchmarks/bench_reconstruct.py                      # mini path, CPU or the GPU: a few minutes on 2 cores

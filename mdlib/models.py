@@ -79,9 +79,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
-#: The trained tiny models shipped inside the package (``mdlib train-mini``'s output; README, "The mini world"):
-#: source ``"tiny-trained"``, the mini path's default. ``mdlib_weights.json`` there lists every file's size and
-#: SHA-256, checked before loading.
+#: The trained tiny models shipped inside the package (``mdlib train-mini``'s output; docs/mini_world.md, "The tiny
+#: models"): source ``"tiny-trained"``, the mini path's default. ``mdlib_weights.json`` there lists every file's
+#: size and SHA-256, checked before loading.
 TRAINED_TINY = "tiny-trained"
 SHIPPED_TRAINED_DIR = Path(__file__).resolve().parent / "weights" / "tiny-trained"
 _WEIGHTS_LIST = "mdlib_weights.json"

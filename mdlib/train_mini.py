@@ -528,9 +528,9 @@ def ship(folder: str | os.PathLike, dest: str | os.PathLike | None = None, n_hel
 
     ``dest`` (default :data:`mdlib.models.SHIPPED_TRAINED_DIR`, i.e. ``mdlib/weights/tiny-trained``) receives a
     copy of ``folder`` (the model files and ``mdlib_trained.json``, not the checkpoints), ``mdlib_quality.json``
-    (the numbers the README quotes and the tests reproduce), ``samples.png`` (the text-to-image samples with
-    their captions) and ``mdlib_weights.json`` (each file's size and SHA-256), written beside and renamed into
-    place. Returns the quality numbers.
+    (the numbers docs/mini_world.md quotes under "Quality" and the tests reproduce), ``samples.png`` (the
+    text-to-image samples with their captions) and ``mdlib_weights.json`` (each file's size and SHA-256), written
+    beside and renamed into place. Returns the quality numbers.
     """
     import matplotlib.pyplot as plt
 

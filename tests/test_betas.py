@@ -99,7 +99,8 @@ def masked_reference(data, mask):
 
 
 def trial_table(truth, sessions):
-    """(session, volume, nsd_id, shared) per trial, straight from the design arrays (NSD.md's formulas)."""
+    """(session, volume, nsd_id, shared) per trial, straight from the design arrays (docs/data.md's formulas,
+    "The design")."""
     rows, start = [], 0
     for s, n in enumerate(truth["session_lengths"], start=1):
         for v in range(n):

@@ -12,7 +12,8 @@ import torch
 
 from mdlib import models
 
-SHARED_CONFIGS = Path("/work/shared/model_configs")
+#: The published SD v1-4 and open_clip configs (JSON only, no weights), copied into the repository.
+PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "data" / "model_configs"
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",
     "Two dogs  playing in the SNOW!!",
@@ -198,10 +199,9 @@ def test_full_size_sd_on_meta_device():
     assert parts["vae"].config.scaling_factor == models.SD_VAE_SCALE
 
 
-@pytest.mark.skipif(not SHARED_CONFIGS.is_dir(), reason="the published configs are not on this machine")
 def test_embedded_configs_match_published():
     def load(rel):
-        data = json.loads((SHARED_CONFIGS / rel).read_text())
+        data = json.loads((PUBLISHED_CONFIGS / rel).read_text())
         dropped = ("torch_dtype", "transformers_version")
         return {k: v for k, v in data.items() if not k.startswith("_") and k not in dropped}
 
@@ -210,13 +210,13 @@ def test_embedded_configs_match_published():
     text = load("sd-v1-4/text_encoder/config.json")
     text.pop("_name_or_path", None)
     assert text == models.SD_V1_4_CONFIGS["text_encoder"]
-    scheduler = json.loads((SHARED_CONFIGS / "sd-v1-4/scheduler/scheduler_config.json").read_text())
+    scheduler = json.loads((PUBLISHED_CONFIGS / "sd-v1-4/scheduler/scheduler_config.json").read_text())
     assert scheduler == models.SD_V1_4_CONFIGS["scheduler"]
-    assert json.loads((SHARED_CONFIGS / "sd-v1-4/tokenizer/tokenizer_config.json").read_text()) == \
+    assert json.loads((PUBLISHED_CONFIGS / "sd-v1-4/tokenizer/tokenizer_config.json").read_text()) == \
         models.SD_V1_4_TOKENIZER_CONFIG
-    assert json.loads((SHARED_CONFIGS / "sd-v1-4/tokenizer/special_tokens_map.json").read_text()) == \
+    assert json.loads((PUBLISHED_CONFIGS / "sd-v1-4/tokenizer/special_tokens_map.json").read_text()) == \
         models.SD_V1_4_SPECIAL_TOKENS_MAP
-    assert json.loads((SHARED_CONFIGS / "open_clip/ViT-B-32-quickgelu.json").read_text()) == \
+    assert json.loads((PUBLISHED_CONFIGS / "open_clip/ViT-B-32-quickgelu.json").read_text()) == \
         models.VIT_B_32_QUICKGELU
 
 

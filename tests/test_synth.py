@@ -2,7 +2,7 @@
 reliability is what its ground truth says.
 
 Files are read here with scipy / h5py / nibabel / pandas directly (not through mdlib's loaders), so these
-tests check the formats against NSD.md independently. One small mini-NSD is written per module.
+tests check the formats against docs/data.md independently. One small mini-NSD is written per module.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def test_affine_follows_nsd_formula(mini):
             img = nib.load(root / rel)
             np.testing.assert_allclose(img.affine, expected, atol=1e-4)
             assert nib.aff2axcodes(img.affine) == ("R", "A", "S") and img.shape[:3] == tuple(dims)
-    # and for the real subj01 grid the formula gives NSD.md's numbers
+    # and for the real subj01 grid the formula gives the numbers in docs/data.md
     np.testing.assert_allclose(brain.nsd_affine(layout.NSD_GRIDS[1])[:3, 3], [-72.0, -92.7, -73.8])
 
 

@@ -1,4 +1,4 @@
-"""``mdlib fetch``: the real data and models, resumable and verified (README: "Getting the real data").
+"""``mdlib fetch``: the real data and models, resumable and verified (docs/fetch.md).
 
 - :func:`fetch_nsd`: the NSD files ``data_manifest/nsd.yaml`` lists for some subjects and a purpose
   (``minimal``: lessons 01-02; ``full``: every lesson), each subject's 10,000 images read out of the bucket's

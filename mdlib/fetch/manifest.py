@@ -2,7 +2,7 @@
 
 :func:`load_manifest` reads and checks it; :meth:`NSDManifest.files_for` expands its key templates for
 subjects and sessions into :class:`Item` s (S3 key = path under the data root), and
-:meth:`NSDManifest.approx_bytes` adds up its size estimates (the README's table). The models are listed in
+:meth:`NSDManifest.approx_bytes` adds up its size estimates (docs/fetch.md, "Sizes"). The models are listed in
 ``data_manifest/models.yaml`` (``mdlib.models.model_manifest``), which ``nsd.yaml`` names but does not repeat.
 """
 

@@ -1,7 +1,7 @@
 """Single-trial betas: read one session at a time, mask, z-score, average repeats, cache the matrix.
 
 NSD's betas (``betas_fithrf_GLMdenoise_RR``, func1pt8mm) come one file per session, in two layouts of the same
-int16 numbers (percent signal change x 300, 0 outside the brain; NSD.md):
+int16 numbers (percent signal change x 300, 0 outside the brain; docs/data.md, "Betas"):
 
 - ``betas_sessionSS.nii.gz``: (X, Y, Z, T) gzip-compressed NIfTI, T = trials in the session (750 in NSD);
 - ``betas_sessionSS.hdf5``: dataset ``betas`` of shape (T, Z, Y, X) (the NIfTI axes reversed), stored as one

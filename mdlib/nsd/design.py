@@ -1,6 +1,6 @@
 """NSD's experimental design: which image each trial showed, in which session, and the train/test split.
 
-``nsd_expdesign.mat`` (NSD.md) holds three 1-based arrays:
+``nsd_expdesign.mat`` (docs/data.md, "The design") holds three 1-based arrays:
 
 - ``masterordering`` (1, n_trials): trial t (0-based) showed the image in column ``masterordering[t]`` of
   ``subjectim``; one sequence shared by all eight subjects.

@@ -28,7 +28,8 @@ NSD_SESSIONS_COMPLETED = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30
 #: Percent signal change is stored as int16 times this factor.
 BETA_SCALE = 300.0
 
-#: The func1pt8mm volume grids (X, Y, Z) of the four subjects reconstruction papers use (NSD.md).
+#: The func1pt8mm volume grids (X, Y, Z) of the four subjects reconstruction papers use (docs/data.md,
+#: "ROIs, label tables and anatomy").
 NSD_GRIDS = {1: (81, 104, 83), 2: (82, 106, 84), 5: (79, 97, 78), 7: (78, 95, 81)}
 VOXEL_SIZE_MM = 1.8
 
@@ -37,7 +38,8 @@ def nsd_affine(shape) -> np.ndarray:
     """NSD's func1pt8mm affine (4, 4) for a grid of ``shape`` (X, Y, Z, ...): 1.8 mm voxels, centred, RAS.
 
     diag(1.8, 1.8, 1.8) and translation -((dims - 1) / 2) * 1.8, e.g. (-72.0, -92.7, -73.8) for subj01
-    (NSD.md). mini-NSD writes it; loaders use it when a mask comes as a bare array without an affine.
+    (docs/data.md, "ROIs, label tables and anatomy"). mini-NSD writes it; loaders use it when a mask comes as a
+    bare array without an affine.
     """
     dims = np.asarray(tuple(shape)[:3], dtype=float)
     affine = np.diag([VOXEL_SIZE_MM] * 3 + [1.0])

@@ -1,10 +1,11 @@
 """Regions of interest (ROIs) and anatomy on the betas' grid, and mdlib's one voxel order.
 
-NSD ships ROI volumes in ``func1pt8mm`` space, on exactly the grid of the betas (NSD.md): integer labels,
--1 outside cortex, 0 unlabelled cortex, 1..N the atlas' labels, named in ``<atlas>.mgz.ctab``. A mask is a
-boolean (X, Y, Z) array in NIfTI order, and a voxel's position in every matrix mdlib builds is its position in
-``np.nonzero(mask)``: C order over (X, Y, Z), the last axis fastest. :func:`voxel_coords` is that order, and
-``volume[mask]`` (numpy boolean indexing) walks the voxels in the same order, so it is all one needs.
+NSD ships ROI volumes in ``func1pt8mm`` space, on exactly the grid of the betas (docs/data.md, "ROIs, label
+tables and anatomy"): integer labels, -1 outside cortex, 0 unlabelled cortex, 1..N the atlas' labels, named in
+``<atlas>.mgz.ctab``. A mask is a boolean (X, Y, Z) array in NIfTI order, and a voxel's position in every
+matrix mdlib builds is its position in ``np.nonzero(mask)``: C order over (X, Y, Z), the last axis fastest.
+:func:`voxel_coords` is that order, and ``volume[mask]`` (numpy boolean indexing) walks the voxels in the same
+order, so it is all one needs.
 
 ROI choices (:func:`roi_mask`):
 

@@ -59,7 +59,8 @@ DEFAULTS = dict(
 
 _N_DESIGN_SUBJECTS = len(layout.ALL_SUBJECTS)  # subjectim always has a row for each of NSD's 8 subjects
 _REPEATS = 3  # NSD shows every image 3 times
-# Reconstruction papers used NSD sessions 1-37 of 40 (NSD.md); mini-NSD reports the same fraction.
+# Reconstruction papers used NSD sessions 1-37 of 40 (docs/data.md, "The train/test split of reconstruction
+# papers"); mini-NSD reports the same fraction.
 _PUBLIC_FRACTION = 37 / 40
 _COCO_ID_MAX = 581929  # COCO 2017 image ids are below this
 
