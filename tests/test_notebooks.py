@@ -182,7 +182,7 @@ def _read_pngs(folder, ids):
 
 
 def _pixcorr_ssim_reference(recons, stims):
-    """EVALUATION.md's PixCorr and SSIM, recomputed with PIL resizing and numpy/scikit-image directly."""
+    """docs/evaluation.md's PixCorr and SSIM (protocol "mdlib"), recomputed with PIL resizing and numpy/scikit-image directly."""
     from PIL import Image
     from skimage.color import rgb2gray
     from skimage.metrics import structural_similarity
@@ -326,13 +326,20 @@ def test_lesson_06_evaluates_the_ablation_and_the_subjects(lesson06_run, mini_ro
     assert r["nsd_ids"] == common[:n] and r["n_common_test_images"] == len(common)
     assert r["other_image_ids"] == common[n:2 * n]
     assert set(r["ablation"]) == {*pipeline.CONDITIONS, "stimulus itself", "another test image"}
-    ident = ["AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP"]
+    # CI has no pretrained evaluation weights: those networks' metrics are left out, not computed with random
+    # weights, and the tiny CLIP computes the CLIP columns, labelled; the header names the protocol.
+    assert r["protocol"] == "mdlib" and r["random_weight_networks"] == []
+    assert r["left_out"] == ["AlexNet(2)", "AlexNet(5)", "InceptionV3", "EffNet-B", "SwAV"]
+    assert r["header"].startswith("LEFT OUT: AlexNet(2), AlexNet(5), InceptionV3, EffNet-B, SwAV")
+    assert "CLIP (tiny CLIP)" in r["header"] and "PROTOCOL 'mdlib'" in r["header"] and "true 2-D SSIM" in r["header"]
+    assert set(r["eval_weights"]) == {"clip"} and "'tiny-trained'" in r["eval_weights"]["clip"]
+    ident = ["CLIP"]
     # Known answers: a stimulus against itself.
     own = r["ablation"]["stimulus itself"]
+    assert set(own) == {"PixCorr", "SSIM", "PCC", "CLIP", "CLIP-cos"}
     assert all(own[m] == 100.0 for m in ident)
     assert own["PixCorr"] == pytest.approx(1) and own["SSIM"] == pytest.approx(1)
     assert own["CLIP-cos"] == pytest.approx(1, abs=1e-5)
-    assert own["EffNet-B"] == pytest.approx(0, abs=1e-5) and own["SwAV"] == pytest.approx(0, abs=1e-5)
     # Identification per image counts the n - 1 other stimuli; the means are those of the per-image values.
     for cond, per in r["ablation_per_image"].items():
         for m in ident:
@@ -340,9 +347,6 @@ def test_lesson_06_evaluates_the_ablation_and_the_subjects(lesson06_run, mini_ro
             np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
             assert r["ablation"][cond][m] == pytest.approx(np.mean(per[m]))
         assert r["ablation"][cond]["PCC"] == r["ablation"][cond]["PixCorr"]
-    # CI has no pretrained evaluation weights: every network is random, and the header says so.
-    assert r["random_weight_networks"] == ["alexnet", "clip", "effnet", "inception", "swav"]
-    assert r["header"].startswith("RANDOM-WEIGHT NETWORKS") and "true 2-D SSIM" in r["header"]
     # PixCorr and SSIM are those of the saved images, recomputed independently.
     with StimulusReader(mini_root) as reader:
         stim = reader.read(r["nsd_ids"])
@@ -379,13 +383,20 @@ def test_lesson_06_evaluates_the_ablation_and_the_subjects(lesson06_run, mini_ro
     assert list(ablation.columns) == ["images", *evaluation.VIEWS["all"]]
     for cond, values in r["ablation"].items():
         for m in evaluation.VIEWS["all"]:
-            assert ablation.loc[cond, m] == pytest.approx(values[m], rel=1e-12), (cond, m)
+            if m in values:
+                assert ablation.loc[cond, m] == pytest.approx(values[m], rel=1e-12), (cond, m)
+            else:                                            # a left-out metric: an empty column
+                assert np.isnan(ablation.loc[cond, m]) and m in r["left_out"], (cond, m)
     cross = evaluation.read_table(r["tables"]["cross_subject"])
     assert cross.loc[f"subject {OTHER_SUBJECT}", "SSIM"] == pytest.approx(r["cross_subject"]["2"]["SSIM"])
     comparison = evaluation.read_table(r["tables"]["comparison"])
     assert comparison.loc["MindDiffuser, full", ["CLIP-cos", "SSIM", "PCC"]].tolist() == [.765, .354, .278]
     assert comparison.loc["fast", "source"].startswith("this run: mini")
-    assert "PUBLISHED" in comparison.attrs["header"] and "RANDOM-WEIGHT" in comparison.attrs["header"]
+    assert comparison.loc["fast", "protocol"] == "mdlib" and comparison.loc["MindEye", "protocol"] == "mindeye"
+    assert "PUBLISHED" in comparison.attrs["header"] and "LEFT OUT" in comparison.attrs["header"]
+    # The tiny CLIP's numbers sit in their own columns, never in the column of published ViT-L/14 numbers.
+    assert comparison.loc["fast", "CLIP (tiny CLIP)"] == pytest.approx(r["ablation"]["fast"]["CLIP"])
+    assert np.isnan(comparison.loc["fast", "CLIP"]) and np.isnan(comparison.loc["MindEye", "CLIP (tiny CLIP)"])
 
 
 def test_lesson_06_shows_the_papers_ablation_on_the_trained_mini_world(lesson06_run, mini_root):
@@ -405,16 +416,16 @@ def test_lesson_06_shows_the_papers_ablation_on_the_trained_mini_world(lesson06_
     for cond, values in s1.items():   # the recorded pixel metrics are those of lesson 04's saved images
         pc, ss = _pixcorr_ssim_reference(_read_pngs(Path(r["stage1_all_dirs"][cond]), common), stim)
         assert values["PixCorr"] == pytest.approx(pc, abs=0.005) and values["SSIM"] == pytest.approx(ss, abs=0.005)
-    # Above chance (50%) by more than two standard errors of a mean over len(common) images.
-    for m in ("AlexNet(2)", "AlexNet(5)"):
-        assert s1["without control"][m] > STAGE1_IDENTIFICATION_FLOOR, m
-        assert s1["true (z, c)"][m] > STAGE1_IDENTIFICATION_FLOOR, m
+    # Above chance (50%) by more than two standard errors of a mean over len(common) images, by the tiny CLIP
+    # (the only identification network the mini path has).
+    assert set(s1["without control"]) == {"PixCorr", "SSIM", "CLIP"}
+    assert s1["without control"]["CLIP"] > STAGE1_IDENTIFICATION_FLOOR
+    assert s1["true (z, c)"]["CLIP"] > STAGE1_IDENTIFICATION_FLOOR
     # Without z: text-to-image from the decoded c keeps no layout: the pixel metrics fall, and identification
-    # drops to chance (the tiny UNet follows captions only weakly; README, "The mini world").
+    # falls toward chance (the tiny UNet follows captions only weakly; docs/mini_world.md).
     assert s1["without z"]["SSIM"] < s1["without control"]["SSIM"] - 0.02
     assert s1["without z"]["PixCorr"] < s1["without control"]["PixCorr"]
-    assert s1["without z"]["AlexNet(2)"] < s1["without control"]["AlexNet(2)"] - 10
-    assert abs(s1["without z"]["AlexNet(2)"] - 50) < 10
+    assert s1["without z"]["CLIP"] < s1["without control"]["CLIP"]
     # Stage 2 (published, the same images) brings the image closer to the stimulus in pixels.
     ab = r["ablation"]
     for m in ("PixCorr", "SSIM"):
@@ -441,7 +452,7 @@ def test_lesson_06_shows_the_papers_ablation_on_the_trained_mini_world(lesson06_
     assert lay["without z"]["position_error"] > lay["without control"]["position_error"]
     # And the course summary carries these numbers.
     flat = (out / "summary.csv").read_text()
-    assert "06_evaluation.stage1_all.without control.AlexNet(2)," in flat
+    assert "06_evaluation.stage1_all.without control.CLIP," in flat
     assert "06_evaluation.placement.full.position_error," in flat
 
 
