@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from . import __version__, paths
+from . import __version__, paths, presets
 
 
 def _literal(text: str):
@@ -39,7 +39,11 @@ def cmd_mini(args) -> int:
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
-    summary = write_mini_nsd(root, **kwargs)
+    try:
+        summary = write_mini_nsd(root, **kwargs)
+    except (FileExistsError, ValueError) as err:   # other data in the folder; bad sizes
+        print(f"mdlib mini: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2, default=str))
     print(f"mini-NSD written to {root} in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -127,7 +131,7 @@ def cmd_reconstruct(args) -> int:
 def cmd_info(args) -> int:
     print(f"mdlib {__version__}")
     print(f"home ({paths.ENV_VAR}): {paths.home()}")
-    for preset in paths.PRESETS:
+    for preset in presets.NAMES:
         print(f"data root for preset {preset!r}: {paths.data_root(None, preset)}")
     return 0
 
@@ -164,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_mini)
 
     c = sub.add_parser("course", help="run every lesson notebook with papermill")
-    c.add_argument("--preset", choices=paths.PRESETS, default="mini")
+    c.add_argument("--preset", choices=presets.NAMES, default="mini")
     c.add_argument("--data-root", default=None, help="dataset root (default: from the preset and $MDLIB_DATA)")
     c.add_argument("--out", default=None, help="folder for executed notebooks and results")
     c.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from . import paths, presets
 from .record import load_results, write_json_atomic, write_numbers_csv
 
 #: papermill parameters every lesson declares in its ``parameters`` cell.
@@ -101,8 +101,8 @@ def run_course(preset: str = "mini", data_root: str | os.PathLike | None = None,
     preset: ``mini`` (mini-NSD, tiny offline models, CPU) or ``nsd`` (the real NSD under the data root).
     parameters: extra papermill parameters (e.g. ``{"SUBJECT": 2}``), given to each lesson that declares them.
     """
-    if preset not in paths.PRESETS:
-        raise ValueError(f"preset must be one of {paths.PRESETS}, got {preset!r}")
+    if preset not in presets.NAMES:
+        raise ValueError(f"preset must be one of {presets.NAMES}, got {preset!r}")
     root = paths.data_root(data_root, preset).resolve()
     if preset == "mini":
         from .synth.write import ensure_mini_nsd

@@ -38,17 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdlib import protocols
+from mdlib import presets, protocols
 from mdlib.device import resolve_device
 from mdlib.models import WeightsNotFoundError
 
 WEIGHT_POLICIES = ("auto", "pretrained", "random")
-#: The CLIP column per preset (:meth:`EvalNetworks.for_preset`): None is OpenAI's ViT-L/14 (by the weight
-#: policy); "tiny-trained" the mini path's trained tiny CLIP (:func:`mdlib.models.load_clip_vision`).
-PRESET_CLIP = {"nsd": None, "mini": "tiny-trained"}
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 #: How to get the pretrained files (said wherever a metric is left out for want of them).
-FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB; README, \"Evaluation weights and protocols\")"
+FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB; docs/fetch.md, \"Evaluation weights\")"
 #: Facebook's SwAV ResNet-50 (800 epochs), the file torch.hub's ``facebookresearch/swav:main`` loads.
 SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
 
@@ -237,12 +234,11 @@ class EvalNetworks:
 
     @classmethod
     def for_preset(cls, preset: str, **kwargs) -> EvalNetworks:
-        """The evaluation networks a preset's lessons use (:data:`PRESET_CLIP`): on the mini path the trained
-        tiny CLIP takes the CLIP column, since no ViT-L/14 weights can be had there (its numbers are labelled);
-        on the real path, OpenAI's ViT-L/14. ``kwargs`` go to the constructor (``device``, ``protocol``, ...)."""
-        if preset not in PRESET_CLIP:
-            raise ValueError(f"preset must be one of {sorted(PRESET_CLIP)}, got {preset!r}")
-        source = PRESET_CLIP[preset]
+        """The evaluation networks a preset's lessons use (:attr:`mdlib.presets.Preset.eval_clip`): on the mini
+        path the trained tiny CLIP takes the CLIP column, since no ViT-L/14 weights can be had there (its numbers
+        are labelled); on the real path, OpenAI's ViT-L/14. ``kwargs`` go to the constructor (``device``,
+        ``protocol``, ...)."""
+        source = presets.get(preset).eval_clip
         if source is not None and kwargs.get("clip") is None:
             from mdlib import models
 

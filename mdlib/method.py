@@ -12,7 +12,7 @@ the table in docs/method.md), and :func:`configure` fills it from one name:
   docs/method.md.
 
 The preset (``"nsd"``: the real data and models; ``"mini"``: mini-NSD and the tiny models) then adapts the few
-rows the mini world cannot run as they are (:data:`PRESETS`), and keyword overrides change single rows. Every
+rows the mini world cannot run as they are (:attr:`mdlib.presets.Preset.method_changes`), and keyword overrides change single rows. Every
 change is listed in :attr:`MethodConfig.changes`, and :func:`describe` gives every row's value for run records
 (``mdlib reconstruct`` writes it into ``run.json``; the lessons print it).
 """
@@ -23,31 +23,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from mdlib import decoding, selection
+from mdlib import decoding, presets, selection
 from mdlib.sampler import SamplerConfig
 from mdlib.stage2 import FastConfig, PublishedConfig, snapshot_iterations
 
 VARIANTS = ("mdlib", "released", "paper")
 DEFAULT_VARIANT = "mdlib"
 LOSSES = ("mdlib", "released", "paper")
-#: The preset's models and what it changes in every variant (docs/method.md, "The mini path").
-PRESETS: dict[str, dict[str, Any]] = {
-    "nsd": {"sd_model": "CompVis/stable-diffusion-v1-4", "clip_model": "openai", "changes": {}},
-    "mini": {
-        "sd_model": "tiny-trained", "clip_model": "tiny-trained",
-        "changes": {
-            # The tiny VAE's posterior is wide (sd ~0.6 per value against ~0.9 across images): its mean is z.
-            "posterior": "mean",
-            # 10 iterations stand in for 300 on a CPU; a 5x larger step lets them move z as far
-            # (benchmarks/README.md, bench_stage2.py part 3).
-            "iterations": 10, "lr_scale": 5.0,
-            # FastL2LiR's voxel counts were chosen for 11,694 voxels: keep the same share of mini's fewer.
-            "scale_n_select": True,
-        },
-    },
-}
-
-
 @dataclass(frozen=True)
 class MethodConfig:
     """Every choice of the method (docs/method.md has one row for each, with the paper's and the released
@@ -101,7 +83,7 @@ class MethodConfig:
     save_every: int = 10
 
     def __post_init__(self) -> None:
-        checks = {"variant": VARIANTS, "preset": tuple(PRESETS), "loss": LOSSES, "standardize": decoding.STANDARDIZE,
+        checks = {"variant": VARIANTS, "preset": presets.NAMES, "loss": LOSSES, "standardize": decoding.STANDARDIZE,
                   "decoder": decoding.METHODS, "select_by": selection.SCORES, "posterior": ("sample", "mean")}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -144,11 +126,11 @@ class MethodConfig:
 
     @property
     def sd_model(self) -> str:
-        return PRESETS[self.preset]["sd_model"]
+        return presets.get(self.preset).sd_model
 
     @property
     def clip_model(self) -> str:
-        return PRESETS[self.preset]["clip_model"]
+        return presets.get(self.preset).clip_model
 
 
 # ------------------------------------------------------------------------------------------------ variants
@@ -230,11 +212,10 @@ def configure(variant: str = DEFAULT_VARIANT, preset: str = "nsd", **overrides) 
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+    preset = presets.get(preset).name
     base = MethodConfig(variant=variant, preset=preset, published=PublishedConfig(iterations=300))
     config = _apply(base, _VARIANT_ROWS[variant], None)
-    config = _apply(config, PRESETS[preset]["changes"], f"preset {preset}")
+    config = _apply(config, presets.get(preset).method_changes, f"preset {preset}")
     return _apply(config, {k: v for k, v in overrides.items() if v is not None}, "override")
 
 

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 ENV_VAR = "MDLIB_DATA"
-PRESETS = ("mini", "nsd")
 
 
 def home() -> Path:
@@ -31,11 +30,9 @@ def data_root(data_root: str | os.PathLike | None = None, preset: str = "nsd") -
 
     ``preset='nsd'`` -> ``<home>/nsd`` (the real NSD); ``preset='mini'`` -> ``<home>/mini-nsd``.
     """
-    if data_root not in (None, ""):
-        return Path(data_root).expanduser()
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-    return home() / ("mini-nsd" if preset == "mini" else "nsd")
+    from mdlib import presets
+
+    return presets.get(preset).data_root(data_root)
 
 
 def runs_dir(name: str = "", runs_root: str | os.PathLike | None = None) -> Path:

@@ -70,13 +70,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mdlib import paths
+from mdlib import paths, presets
 from mdlib.record import _write_atomic, to_jsonable, write_json_atomic, write_npz_atomic, write_png_atomic
 
 if TYPE_CHECKING:  # the heavy modules are imported where they are used: `mdlib info` needs no torch
     from mdlib.method import MethodConfig
 
-PRESETS = ("nsd", "mini")
 
 #: Bump when the layout or meaning of a run folder changes.
 FORMAT_VERSION = 1
@@ -207,8 +206,7 @@ class Job:
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        presets.get(self.preset)   # a clear error for an unknown preset
         if self.config is None:   # the default variant on the job's preset
             object.__setattr__(self, "config", _configure("mdlib", self.preset))
         if self.config.preset != self.preset:
@@ -713,7 +711,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'test' (every test image) or N..M: positions N (included) to M (excluded) among the "
                         "subject's test images sorted by nsdId, e.g. 0..100")
     p.add_argument("--out", default="", help="output root (default: $MDLIB_DATA/runs/reconstruct/<preset>)")
-    p.add_argument("--preset", choices=PRESETS, default="nsd",
+    p.add_argument("--preset", choices=("nsd", "mini"), default="nsd",
                    help="nsd: the real NSD, SD v1-4, CLIP ViT-B/32 (default); mini: mini-NSD and the tiny models")
     p.add_argument("--variant", choices=("mdlib", "released", "paper"), default="mdlib",
                    help="the method: mdlib (this course's choices, default), released (the authors' code) or "

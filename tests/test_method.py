@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdlib import method, stage2
+from mdlib import method, presets, stage2
 from mdlib.sampler import SamplerConfig, generators
 
 SHORT = dict(num_steps=10, noise_index=6, denoise_steps=5)
@@ -15,7 +15,7 @@ SHORT = dict(num_steps=10, noise_index=6, denoise_steps=5)
 
 def test_every_variant_records_every_row():
     for variant in method.VARIANTS:
-        for preset in method.PRESETS:
+        for preset in presets.NAMES:
             d = method.describe(method.configure(variant, preset))
             assert d["variant"] == variant and d["preset"] == preset
             assert set(d["rows"]) == set(method.names()) - {"lr_scale"}

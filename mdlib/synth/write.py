@@ -478,6 +478,7 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
     """
     t_start = time.perf_counter()
     root = Path(root).expanduser()
+    _refuse_other_data(root)
     subjects = tuple(int(s) for s in (subjects if np.ndim(subjects) else (subjects,)))
     if not subjects or len(set(subjects)) != len(subjects):
         raise ValueError(f"subjects must be a non-empty list of distinct subjects, got {subjects!r}")
@@ -572,6 +573,22 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
     return dict(root=str(root), version=MINI_NSD_VERSION, parameters=params, n_stimuli=design.n_stimuli,
                 n_sessions=design.n_sessions, subjects=per_subject, seconds=time.perf_counter() - t_start,
                 bytes=n_bytes, n_files=n_files)
+
+
+#: Top-level folders of an NSD data root (docs/data.md): a root holding any of them without mini-NSD's sidecar
+#: holds other data, which mini-NSD must never overwrite.
+NSD_TOP_LEVEL = ("nsddata", "nsddata_betas", "nsddata_stimuli", "nsddata_timeseries", "nsddata_rawdata", "coco")
+
+
+def _refuse_other_data(root: Path) -> None:
+    if (root / SIDECAR).is_file() or not root.is_dir():
+        return
+    found = sorted(name for name in NSD_TOP_LEVEL if (root / name).exists())
+    if found:
+        raise FileExistsError(
+            f"{root} holds other data ({', '.join(found)}) and no {SIDECAR}: it looks like a real NSD, and mini-NSD "
+            f"is never written over it. Write mini-NSD into another folder (`mdlib mini OTHER_FOLDER`, or "
+            f"DATA_ROOT in the lessons), or read this one with the nsd preset.")
 
 
 def ensure_mini_nsd(root, progress: bool = True, **params) -> Path:
