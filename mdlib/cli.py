@@ -94,8 +94,23 @@ def _rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a clear usage error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def cmd_fetch(args) -> int:
     from .fetch import FetchError, fetch_model_weights, fetch_nsd
+    from .fetch.remote import _transient_errors as transient_errors
+    from .fetch.remote import unreachable
 
     try:
         if args.what != "none":
@@ -110,6 +125,9 @@ def cmd_fetch(args) -> int:
             print("nothing to fetch: --what none without --models")
     except (FetchError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except transient_errors() as err:   # a connection error that escaped the store's own handling
+        print(f"error: {unreachable(args.endpoint_url or 'the S3 endpoint', err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the complete files are in place, partial ones kept; run the same command to resume",
@@ -211,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--models", action="store_true",
                    help="also download the models of data_manifest/models.yaml into the Hugging Face cache")
     f.add_argument("--hf-cache", default=None, help="Hugging Face cache for --models (default: HF_HUB_CACHE)")
-    f.add_argument("--workers", type=int, default=8, help="parallel transfers (default: 8)")
-    f.add_argument("--retries", type=int, default=3, help="retries after a dropped connection (default: 3)")
+    f.add_argument("--workers", type=_count(1), default=8, help="parallel transfers (default: 8)")
+    f.add_argument("--retries", type=_count(0), default=3, help="retries after a dropped connection (default: 3)")
     f.add_argument("--max-rate", type=_rate, default=None, metavar="BYTES_PER_S",
                    help="cap the download rate, all transfers together, e.g. 500k or 20M (SI units, bytes per "
                         "second; as curl's --limit-rate): for a link shared with others (default: no cap)")

@@ -38,9 +38,30 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def _process_umask() -> int:
+    """The process' umask, read without changing it where Linux allows (``/proc/self/status``); elsewhere by
+    setting and restoring it, once, at import."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Files mdlib writes get the permissions an ordinary ``open()`` would give them (0o666 less the umask), so
+#: other users of a shared file system can read run outputs and caches as they can read anything else.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then ``os.replace`` it onto
-    ``path``: readers, and a run killed mid-write, never see half a file."""
+    ``path``: readers, and a run killed mid-write, never see half a file. The file gets :data:`FILE_MODE`
+    (``mkstemp`` alone would leave it readable by its owner only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -48,6 +69,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: s
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -77,3 +77,19 @@ def test_every_number_is_flattened_in_order(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0] == "key,value" and lines[1] == "05.loss.stage1,0.5" and lines[4] == "05.nan,nan"
 
+
+
+def test_atomic_writes_have_the_permissions_of_an_ordinary_open(tmp_path):
+    """Run outputs, caches and results must be readable by the other users of a shared file system: an atomic
+    write gives its file what open() would (0o666 less the umask), not mkstemp's 0o600."""
+    import os
+    import stat
+
+    from mdlib.record import _process_umask, write_json_atomic, write_npz_atomic
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    assert expected == 0o666 & ~_process_umask()
+    for path in (write_json_atomic(tmp_path / "r.json", {"a": 1}), write_npz_atomic(tmp_path / "a.npz", x=[1])):
+        assert stat.S_IMODE(os.stat(path).st_mode) == expected, path

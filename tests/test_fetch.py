@@ -711,3 +711,30 @@ def test_lessons_01_to_03_on_fetched_data_record_what_they_record_on_mini_nsd(fe
 def test_the_manifest_is_valid_yaml_with_models_by_reference():
     data = yaml.safe_load((ROOT / "data_manifest" / "nsd.yaml").read_text())
     assert data["models"] == "models.yaml" and "stable_diffusion" not in json.dumps(data)
+
+
+def test_no_network_ends_in_one_clear_line(tmp_path, capsys):
+    """An endpoint that refuses connections (no network): exit status 1, one message naming the endpoint and
+    the fix, no traceback, and nothing written but the (empty) data root."""
+    import socket
+
+    from mdlib import cli
+
+    with socket.socket() as s:                      # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "nsd"
+    code = cli.main(["fetch", "--data-root", str(root), "--endpoint-url", f"http://127.0.0.1:{port}",
+                     "--retries", "0", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "could not reach" in err and "Check the network connection" in err and "Traceback" not in err
+    assert not any(p.is_file() for p in root.rglob("*")) if root.exists() else True
+
+
+def test_fetch_refuses_zero_workers(capsys):
+    from mdlib import cli
+
+    with pytest.raises(SystemExit) as err:
+        cli.main(["fetch", "--workers", "0"])
+    assert err.value.code == 2 and "--workers: must be at least 1, got 0" in capsys.readouterr().err

@@ -71,6 +71,13 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
             http.client.HTTPException, urllib.error.URLError)
 
 
+def unreachable(url: str, err: BaseException) -> str:
+    """The message for a server that cannot be reached: what failed, and what to do."""
+    return (f"could not reach {url} ({type(err).__name__}: {err}). Check the network connection (the machine "
+            "must reach the S3 endpoint; --endpoint-url names another), then run the same command again: "
+            "finished files are kept and partial ones resume.")
+
+
 @dataclass(frozen=True)
 class RemoteObject:
     """An object as HEAD describes it: ``size`` in bytes, ``etag`` without its quotes."""
@@ -198,6 +205,8 @@ class S3Store:
             if code in ("404", "NoSuchKey", "NotFound", "403", "AccessDenied", "Forbidden"):
                 raise MissingKeyError(self.bucket, [key]) from None
             raise FetchError(f"{self.url(key)}: HEAD failed: {err}") from err
+        except _transient_errors() as err:   # no network, DNS, a refused or dropped connection (after retries)
+            raise FetchError(unreachable(self.url(key), err)) from None
         finally:
             self.counter.add(heads=1)
         return RemoteObject(key, int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"'))
