@@ -346,3 +346,22 @@ def test_design_can_be_built_in_memory():
     assert design.split(8).test_ids.tolist() == [10, 20]
     with pytest.raises(ValueError, match="do not add up"):
         Design(SMALL_ORDER, small_subjectim(), SMALL_SHARED, [5, 4])
+
+
+@pytest.mark.parametrize("subject", [1.5, True, False, "1", None, 0, 9])
+def test_path_helpers_refuse_what_is_not_a_subject(subject):
+    """A fractional or boolean subject must not become subject 1 in a path (Design.trials refuses it too)."""
+    from mdlib.nsd import layout
+
+    with pytest.raises(ValueError, match="subject"):
+        layout.betas_file(subject, 1)
+    with pytest.raises(ValueError, match="subject"):
+        layout.roi_file(subject, "nsdgeneral")
+
+
+def test_path_helpers_take_whole_numbers_of_any_type():
+    import numpy as np
+
+    from mdlib.nsd import layout
+
+    assert layout.subj(np.int64(2)) == layout.subj(2.0) == layout.subj(2) == "subj02"

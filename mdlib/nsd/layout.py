@@ -56,11 +56,21 @@ ROI_ATLASES = ("nsdgeneral", "prf-visualrois", "Kastner2015", "streams")
 _P = PurePosixPath
 
 
-def subj(subject: int) -> str:
-    """'subj01' for subject 1; raises ValueError for subjects NSD does not have."""
+def subject_number(subject) -> int:
+    """``subject`` as an int in 1..8: whole numbers only (1, ``np.int64(1)``, ``1.0``); a bool, a fraction
+    (1.5), a string or a subject NSD does not have raises ValueError naming it."""
+    import numbers
+
+    if isinstance(subject, bool) or not isinstance(subject, numbers.Real) or subject != int(subject):
+        raise ValueError(f"a subject is a whole number 1..8; got {subject!r}")
     if int(subject) not in ALL_SUBJECTS:
         raise ValueError(f"NSD has subjects 1..8; got subject {subject!r}")
-    return f"subj{int(subject):02d}"
+    return int(subject)
+
+
+def subj(subject: int) -> str:
+    """'subj01' for subject 1; raises ValueError for anything but NSD's subjects 1..8 (:func:`subject_number`)."""
+    return f"subj{subject_number(subject):02d}"
 
 
 def expdesign() -> PurePosixPath:
