@@ -174,3 +174,20 @@ def test_truncated_roi_file_names_the_file(atlases):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match=r"nsdgeneral\.nii\.gz.*re-download"):
         rois.load_roi(root, SUBJECT, "nsdgeneral")
+
+
+def test_a_subject_missing_from_a_mini_nsd_names_mdlib_mini(tmp_path):
+    """On a mini-NSD (written for subject 1 only), subject 2's files are missing: the message says to write the
+    mini-NSD again with that subject, not to fetch the real NSD."""
+    from mdlib.nsd import layout
+    from mdlib.synth.write import write_mini_nsd
+
+    root = tmp_path / "mini-nsd"
+    write_mini_nsd(root, subjects=(1,), n_shared=6, n_per_subject=24, trials_per_session=18, stim_size=32,
+                   progress=False)
+    with pytest.raises(FileNotFoundError) as err:
+        layout.require(root, layout.roi_file(2, "nsdgeneral"))
+    message = str(err.value)
+    assert f"mdlib mini {root} --subjects 1 N" in message and "mdlib fetch" not in message
+    with pytest.raises(FileNotFoundError, match="mdlib fetch"):          # a real (empty) root: fetch
+        layout.require(tmp_path / "nsd", layout.roi_file(2, "nsdgeneral"))

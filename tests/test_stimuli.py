@@ -253,3 +253,18 @@ def test_reader_closes(brick):
         pass
     assert not reader._file.id.valid
     reader.close()  # closing twice is harmless
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xfe\x00garbage\x00\n", b"nsdId,cocoId\n0,1\n"])
+def test_stim_info_empty_damaged_or_cut_names_the_file_and_the_fix(tmp_path, content):
+    """An empty file, binary junk, or a table without NSD's columns (shared1000 among them): a ValueError naming
+    the file and how to get it again, never pandas' bare EmptyDataError or a KeyError later."""
+    from mdlib.nsd import layout
+
+    path = tmp_path / layout.stim_info("csv")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_stim_info(tmp_path)
+    assert str(path) in str(err.value) and "mdlib fetch" in str(err.value)
+    assert path.read_bytes() == content                      # nothing is touched

@@ -181,5 +181,21 @@ def require(root: Path | str, rel: PurePosixPath | str) -> Path:
     """The absolute path of ``rel`` under ``root``; FileNotFoundError naming the NSD path and the fix if absent."""
     path = Path(root) / str(rel)
     if not path.is_file():
-        raise FileNotFoundError(f"NSD file missing: {path}\n  (NSD path: {rel})\n  To get it: {how_to_get(rel)}")
+        fix = _mini_fix(Path(root)) or how_to_get(rel)
+        raise FileNotFoundError(f"NSD file missing: {path}\n  (NSD path: {rel})\n  To get it: {fix}")
     return path
+
+
+def _mini_fix(root: Path) -> str | None:
+    """For a mini-NSD root (its ``mini_nsd.json`` sidecar), how to write what is missing: mini-NSD is written
+    for a list of subjects, so a file of another subject comes from writing it again with that subject."""
+    import json
+
+    try:
+        meta = json.loads((root / "mini_nsd.json").read_text())
+    except (OSError, ValueError):
+        return None
+    subjects = sorted(int(s) for s in meta.get("parameters", {}).get("subjects", []))
+    return (f"this folder holds a mini-NSD (mini_nsd.json) written for subjects {subjects}; write it again with "
+            f"the subjects you need, e.g. `mdlib mini {root} --subjects {' '.join(map(str, subjects))} N` "
+            "(docs/data.md, \"mini-NSD\")")

@@ -29,7 +29,7 @@ from PIL import Image
 from mdlib.nsd import layout
 
 #: Columns of ``nsd_stim_info_merged.csv`` that mdlib relies on.
-REQUIRED_STIM_INFO_COLUMNS = ("nsdId", "cocoId", "cocoSplit", "cropBox")
+REQUIRED_STIM_INFO_COLUMNS = ("nsdId", "cocoId", "cocoSplit", "cropBox", "shared1000")
 
 #: PIL filter used by :meth:`StimulusReader.read` to resize (bicubic, as torchvision's default for PIL).
 RESIZE_FILTER = Image.Resampling.BICUBIC
@@ -48,11 +48,17 @@ def load_stim_info(data_root: str | os.PathLike) -> pd.DataFrame:
         ValueError: a required column is missing, an nsdId repeats, or a cropBox cannot be parsed.
     """
     path = layout.require(data_root, layout.stim_info("csv"))
-    table = pd.read_csv(path)
+    fix = f"replace it: {layout.how_to_get(layout.stim_info('csv'))}"
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not NSD's stimulus table ({type(err).__name__}: {err}); it is empty or "
+                         f"damaged: {fix}") from None
     table = table.drop(columns=[c for c in table.columns if str(c).startswith("Unnamed:")])
     missing = [c for c in REQUIRED_STIM_INFO_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)}. This is not NSD's "
+                         f"nsd_stim_info_merged.csv or it was cut short: {fix}")
     if table["nsdId"].duplicated().any():
         raise ValueError(f"{path}: nsdId values repeat; each image must have one row")
     table["cropBox"] = [_parse_crop_box(box, path) for box in table["cropBox"]]
