@@ -8,6 +8,10 @@
     mdlib reconstruct --subject 1 --stage 1|2 [--mode published|fast] [--images test|N..M] [--gather]
                                       a whole test set, one image at a time: sharded, resumable
     mdlib info                        show where mdlib reads and writes
+
+README.md, "The `mdlib` command", lists them all; the pages of docs/ describe each in full: docs/data.md
+(``mini``), docs/mini_world.md (``train-mini``), docs/fetch.md (``fetch``), docs/reconstruct.md
+(``reconstruct``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``notebooks/NN_*.ipynb`` in order into an output folder, and gathers each lesson's recorded numbers
 (``mdlib.record``) into ``summary.json``, and every number, one per line, into ``summary.csv``. A failing lesson
 stops the run with the notebook, the cell and the error, and the executed notebook (with the traceback in it)
-is kept for reading.
+is kept for reading. How to run it: README.md, "Two commands" (the mini path) and docs/fetch.md (the real one).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import paths, presets
+from .progress import ENV_SWITCH as PROGRESS_SWITCH
 from .record import load_results, write_json_atomic, write_numbers_csv
 
 #: papermill parameters every lesson declares in its ``parameters`` cell.
@@ -49,23 +50,33 @@ def lesson_notebooks(folder: str | os.PathLike | None = None, only: Iterable[str
     return found
 
 
-@contextlib.contextmanager
-def _kernel_environment():
-    """The environment the lesson kernels start with, restored afterwards.
+def kernel_environ(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment the lesson kernels start with: ``base`` (the caller's environment) plus
 
-    - PATH starts with this interpreter's folder: the 'python3' kernel spec starts "python" from PATH, and it
-      must be the one with this mdlib installed even when the virtual environment is not activated.
+    - PATH starting with this interpreter's folder: the 'python3' kernel spec starts "python" from PATH, and
+      it must be the one with this mdlib installed even when the virtual environment is not activated.
     - Matplotlib's inline backend, so the executed notebooks keep their figures (it renders headless; a
       plain MPLBACKEND=Agg inherited from a test run would leave them empty).
     - HF_HUB_OFFLINE=1 unless set: the mini path never reaches a model hub.
-    - OMP_WAIT_POLICY=PASSIVE unless set: see ``mdlib/__init__.py`` (60x faster ridge fits on 2 cores).
+    - OMP_WAIT_POLICY=PASSIVE unless set: see ``mdlib/__init__.py`` (far faster ridge fits on 2 cores).
+    - MDLIB_PROGRESS=0: no progress bars (:mod:`mdlib.progress`), whose redrawn lines would fill the executed
+      lessons' outputs.
     """
+    env = dict(base)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env[PROGRESS_SWITCH] = "0"
+    return env
+
+
+@contextlib.contextmanager
+def _kernel_environment():
+    """:func:`kernel_environ` as this process's environment (which the kernels inherit), restored afterwards."""
     saved = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.clear()
+    os.environ.update(kernel_environ(saved))
     try:
         yield
     finally:

@@ -14,7 +14,6 @@ constant, see :func:`mdlib.features.restore_bos`), ``clip_block1`` ... ``clip_bl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mdlib import features, paths, selection
+from mdlib.cachekey import cache_key
 from mdlib.nsd.betas import load_betas
 from mdlib.record import write_npz_atomic
 from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
@@ -160,7 +160,7 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
                                        posterior=posterior, seed=seed, n_captions=n_captions, resize=clip_resize,
                                        progress=progress)
     selects = scaled_n_select(betas.n_voxels, n_select, scale_to_roi=scale_n_select)
-    x_key = _digest(X_train, X_test)
+    x_key = cache_key(X_train, X_test)
     folder = paths.cache_dir(data_root) / "decoded"
     out = Decoded(nsd_ids=betas.nsd_ids[test].copy(), pred={}, true={},
                   params={"subject": subject, "roi": betas.roi, "sessions": list(betas.sessions),
@@ -174,12 +174,11 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
         shape = full.shape[1:]
         Y = full.reshape(len(full), -1)
         cv5 = select_by == "cv5-r" and fam.startswith("clip_block")
-        spec = {"version": CACHE_VERSION, "family": fam, "method": method, "x": x_key, "y": _digest(Y[train]),
+        spec = {"version": CACHE_VERSION, "family": fam, "method": method, "x": x_key, "y": cache_key(Y[train]),
                 "alphas": [float(a) for a in np.atleast_1d(alphas)] if method == "ridge" else None,
                 "n_select": selects["clip" if fam.startswith("clip_") else fam] if method == "fastl2lir" else None,
                 **({"select_by": "cv5-r"} if cv5 else {})}
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-        path = folder / f"subj{subject:02d}_{fam}_{key}.npz"
+        path = folder / f"subj{subject:02d}_{fam}_{cache_key(spec)}.npz"
 
         def new_decoder(quiet: bool = False):
             kw = {"device": device, "progress": progress and not quiet}
@@ -218,12 +217,3 @@ def _mean_sd(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu, sd = X.mean(0), X.std(0)
     sd[sd == 0] = 1.0
     return mu, sd
-
-
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.data)
-    return h.hexdigest()[:16]

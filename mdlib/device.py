@@ -1,4 +1,8 @@
-"""Where torch work runs: a parameter everywhere in mdlib, never an assumption."""
+"""Where torch work runs: a parameter everywhere in mdlib, never an assumption.
+
+A GPU is optional: every function takes ``device`` and defaults to CUDA when there is one. Running on several
+GPUs (one process each) is in docs/reconstruct.md, "Running it".
+"""
 
 from __future__ import annotations
 

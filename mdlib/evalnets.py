@@ -29,7 +29,6 @@ the table labels it. :func:`fetch_weights` (``mdlib eval-weights``) downloads ev
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 
 from mdlib import presets, protocols
+from mdlib.cachekey import cache_key
+from mdlib.progress import bar as progress_bar
 from mdlib.device import resolve_device
 from mdlib.models import WeightsNotFoundError
 
@@ -377,15 +378,13 @@ class EvalNetworks:
         """
         names = _check_metrics(metrics)
         arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-        key = _content_key(arr)
+        key = cache_key(arr, n=None)   # in memory only: the stimuli are computed once per EvalNetworks
         have = self._cache.setdefault(key, {})
         todo = [k for k in NETWORKS if any(METRICS_BY_NAME[n].network == k and n not in have for n in names)]
         if todo:
-            from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
-
             batches = [slice(s, min(s + self.batch_size, len(arr))) for s in range(0, len(arr), self.batch_size)]
-            bar = tqdm(total=len(todo) * len(batches), desc="evaluation features", unit="batch",
-                       disable=not self.progress)
+            bar = progress_bar(total=len(todo) * len(batches), desc="evaluation features", unit="batch",
+                               progress=self.progress)
             for k in todo:
                 bar.set_postfix_str(NETWORKS[k].title)
                 extract = self.load(k)
@@ -460,9 +459,3 @@ def fetch_weights(cache_dir: str | os.PathLike | None = None, progress: bool = T
             name = key if proto == "mdlib" else f"effnet@{nets.protocol.effnet_weights}"
             sources[name] = nets.sources[key]
     return sources
-
-
-def _content_key(arr: np.ndarray) -> str:
-    h = hashlib.sha1(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
-    h.update(f"{arr.shape}{arr.dtype}".encode())
-    return h.hexdigest()

@@ -24,7 +24,6 @@ they were loaded there), with progress bars, cached on disk in chunks so that an
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -37,9 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from mdlib import paths
+from mdlib.cachekey import cache_key
 from mdlib.models import ClipVision, SDModels, normalization_stats
 from mdlib.nsd import layout
 from mdlib.nsd.stimuli import StimulusReader, load_captions, load_stim_info
+from mdlib.progress import bar as progress_bar
 from mdlib.record import write_json_atomic
 
 #: Blocks whose MLP output is a structural feature (1-based; docs/method.md: blocks 1-6 of ViT-B/32's 12).
@@ -388,7 +389,7 @@ def extract_targets(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.nd
             compute = _clip_computer(root, clip, blocks, normalization, resize, batch_size)
             data_files = layout.stimuli_sources(root) or [layout.stimuli()]
         spec = {"cache_version": CACHE_VERSION, "group": group, "params": params, "n": int(ids.size),
-                "nsd_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(), "chunk_size": int(chunk_size),
+                "nsd_ids_sha256": cache_key(ids.tobytes(), n=None), "chunk_size": int(chunk_size),
                 "data": [_file_stamp(root, rel) for rel in data_files]}
         arrays = _cached_group(cache_root, spec, ids, compute, int(chunk_size), progress, on_chunk)
         out.update(arrays)
@@ -460,10 +461,8 @@ def _cached_group(cache_root: Path, spec: dict[str, Any], ids: np.ndarray, compu
                   progress: bool, on_chunk: Callable | None) -> dict[str, np.ndarray]:
     """One target group through its chunked cache: load the assembled arrays, or compute what is missing."""
     from safetensors.numpy import load_file, save_file
-    from tqdm.auto import tqdm
 
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-    folder = cache_root / f"{spec['group']}-{key}"
+    folder = cache_root / f"{spec['group']}-{cache_key(spec)}"
     manifest_path = folder / "manifest.json"
     n_chunks = -(-len(ids) // chunk_size)
     manifest = _read_json(manifest_path)
@@ -482,7 +481,7 @@ def _cached_group(cache_root: Path, spec: dict[str, Any], ids: np.ndarray, compu
             pass  # damaged: rebuild from chunks / recompute
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "spec.json", spec)
-    bar = tqdm(total=len(ids), desc=f"targets {spec['group']}", unit="img", disable=not progress)
+    bar = progress_bar(total=len(ids), desc=f"targets {spec['group']}", unit="img", progress=progress)
     names: list[str] | None = None
     try:
         for index in range(n_chunks):

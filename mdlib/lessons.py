@@ -35,10 +35,51 @@ def _settings(**entries: tuple[Any, str]) -> Mapping[str, Setting]:
 ADVANCED: Mapping[str, Mapping[str, Setting]] = MappingProxyType({
     "01": _settings(),
     "02": _settings(),
-    "03": _settings(),
-    "04": _settings(),
-    "05": _settings(),
-    "06": _settings(),
+    "03": _settings(
+        overrides=({}, 'single rows of the method, e.g. {"roi": "prf-visualrois"} (names: mdlib.method.names())'),
+        sd_model=("", "Stable Diffusion weights for z and c; empty: the preset's"),
+        clip_model=("", "CLIP weights for the structural features; empty: the preset's"),
+        alpha_log10_range=((-1, 5), "the ridge alpha grid runs from 10**a to 10**b (a, b)"),
+        n_alphas=(13, "alphas in the grid, log-spaced"),
+        n_show=(6, "test images in the decoded-latents figure"),
+    ),
+    "04": _settings(
+        overrides=({}, "single rows of the method, e.g. {'noise_index': 24, 'denoise_steps': 25}; names: "
+                       "mdlib.method.names()"),
+        batch_size=(8, "images per UNet batch (no effect on the images: each has its own seed)"),
+        n_show=(8, "test images in the figures, spread over the test set"),
+        out_dir=("", "where the stage-1 images go (resumable); empty: $MDLIB_DATA/runs/stage1/"
+                     "<preset>_<variant>_subjNN (lesson 06 reads it)"),
+        sd_model=("", "Stable Diffusion to load; empty: the preset's"),
+        dtype=("", "model dtype; empty: float32; 'float16' halves memory and time on a GPU"),
+    ),
+    "05": _settings(
+        batch_size=(4, "test images optimised together (lesson 06 reads the published states back only with its "
+                       "own batch_size the same)"),
+        overrides=({}, "single rows of the method, e.g. {'iterations': 20, 'update': 'z,c'}; names: "
+                       "mdlib.method.names()"),
+        out_dir=("", "images and resumable stage-2 state; empty: $MDLIB_DATA/runs/stage2/<preset>_<variant>_subjNN "
+                     "(lesson 06 reads it)"),
+        sd_model=("", "Stable Diffusion to load; empty: the preset's"),
+        clip_model=("", "CLIP image encoder to load; empty: the preset's"),
+        dtype=("", "model dtype; empty: float32 (every variant's stage 2)"),
+        autocast=("", "'bf16' or 'fp16': mixed precision of both modes' forward passes (CUDA); empty: none"),
+        attention=("sdpa", "'sdpa' (PyTorch's memory-efficient attention) or 'xformers' (CUDA, needs xformers)"),
+    ),
+    "06": _settings(
+        overrides=({}, "single rows of the method, e.g. {'iterations': 20}; names: mdlib.method.names()"),
+        batch_size=(4, "images per batch, as in lesson 05: the same value reads its saved stage-2 states back"),
+        cross_subject_condition=("fast", "the pipeline run per subject: 'fast', 'full' (published) or "
+                                 "'without control'"),
+        n_stage1_images=(0, "stage 1 alone on this many common test images, 0 for all (lesson 04 made them)"),
+        eval_weights=("auto", "'auto': networks whose pretrained files are here, the others left out; "
+                      "'pretrained' downloads them"),
+        eval_batch_size=(16, "images per forward pass of the evaluation networks"),
+        device=("", "where the models run; empty: CUDA when available, else the CPU"),
+        runs_root=("", "where lessons 04/05's folders are (stage1|stage2/<preset>_<variant>_subjNN); "
+                   "empty: $MDLIB_DATA/runs"),
+        dtype=("", "the models' dtype; empty: float32"),
+    ),
 })
 
 

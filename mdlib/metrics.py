@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from mdlib import protocols as P
+from mdlib.stats import pearson, pearson_matrix
 
 #: Both images are compared at NSD's stimulus size (docs/evaluation.md).
 EVAL_SIZE = 425
@@ -41,13 +42,7 @@ def _pair(recons, stims, size: int, protocol: str) -> tuple[np.ndarray, np.ndarr
 def pixcorr_per_image(recons, stims, size: int = EVAL_SIZE, protocol: str = "mdlib") -> np.ndarray:
     """(n,) Pearson r between each reconstruction's and its stimulus's pixels (RGB, at size x size)."""
     a, b = _pair(recons, stims, size, protocol)
-    a = a.reshape(len(a), -1)
-    b = b.reshape(len(b), -1)
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+    return pearson(a.reshape(len(a), -1), b.reshape(len(b), -1), axis=1)  # NaN for a constant image
 
 
 def ssim_per_image(recons, stims, size: int = EVAL_SIZE, protocol: str = "mdlib") -> np.ndarray:
@@ -74,11 +69,7 @@ def two_way_identification(recon_features, stim_features) -> np.ndarray:
     a, b = _matched(recon_features, stim_features)
     if len(a) < 2:
         raise ValueError("two-way identification needs at least 2 images")
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b /= np.linalg.norm(b, axis=1, keepdims=True)
-    C = a @ b.T                                     # C[i, j] = corr(recon i, stimulus j)
+    C = pearson_matrix(a, b)                        # C[i, j] = corr(recon i, stimulus j)
     own = np.diag(C)[:, None]
     wins = (C < own).sum(1)                         # j == i never counts (C[i, i] < C[i, i] is False)
     return wins / (len(a) - 1)
@@ -99,9 +90,7 @@ def correlation_distance(recon_features, stim_features) -> np.ndarray:
     """(n,) 1 - Pearson r between each reconstruction's features and its own stimulus's (EffNet-B and SwAV
     columns of the eight-metric table; lower is better, 0 for identical features)."""
     a, b = _matched(recon_features, stim_features)
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    return 1.0 - (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    return 1.0 - pearson(a, b, axis=1)  # NaN where either row is constant
 
 
 def cosine_similarity(recon_features, stim_features) -> np.ndarray:

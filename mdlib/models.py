@@ -36,7 +36,8 @@ The tiny models (choices, documented once here):
   50 tokens like ViT-B/32 at 224 px, width 64, 8 blocks (the features use blocks 1-6, as for ViT-B/32's 12),
   embedding 64-d (ViT-B/32: 512); text tower width 16, 2 layers.
 - 5.4 M parameters in all (VAE 0.95 M, UNet 1.54 M, text encoder 1.63 M, CLIP 1.22 M of which the ViT
-  0.42 M), 23 MB on disk in float32, most of it the two 49,408-row token embeddings; built in ~1.5 s.
+  0.42 M), 23 MB on disk in float32, most of it the two 49,408-row token embeddings.
+  docs/mini_world.md, "The tiny models", describes them and their training.
 
 Lower layer: knows nothing of notebooks, the CLI or jobs; imports only :mod:`mdlib.paths`.
 """
@@ -46,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from mdlib import paths
+from mdlib.cachekey import cache_key, file_sha256
 from mdlib.device import resolve_device
 
 # ----------------------------------------------------------------------------------------------- constants
@@ -378,10 +379,10 @@ def module_fingerprint(*modules: torch.nn.Module, n_samples: int = 4096) -> str:
     device; different weights (another checkpoint, a fine-tune, another seed) give another. Used to key
     cached targets (:mod:`mdlib.features`).
     """
-    h = hashlib.sha256()
+    parts = []
     for module in modules:
         for name, tensor in sorted(module.state_dict().items()):
-            h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            parts.append(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|")
             if tensor.is_meta:
                 continue
             flat = tensor.detach().reshape(-1)
@@ -389,8 +390,8 @@ def module_fingerprint(*modules: torch.nn.Module, n_samples: int = 4096) -> str:
             sample = flat[::step][:n_samples].to("cpu")
             if sample.dtype == torch.bfloat16:
                 sample = sample.float()
-            h.update(sample.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+            parts.append(sample.contiguous().numpy().tobytes())
+    return cache_key(*parts)
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -651,7 +652,7 @@ def write_weights_list(folder: str | os.PathLike) -> Path:
     """Record every file of a model folder (relative path -> bytes, SHA-256) in ``mdlib_weights.json``, which
     :func:`verify_weights_list` checks. Used when the trained tiny models are committed."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != _WEIGHTS_LIST}
     _write_json(folder / _WEIGHTS_LIST, {"files": files})
     return folder / _WEIGHTS_LIST
@@ -678,17 +679,9 @@ def verify_weights_list(folder: str | os.PathLike) -> Path:
         size = path.stat().st_size
         if size != want["bytes"]:
             raise ValueError(f"{path}: {size} bytes, expected {want['bytes']} (truncated or replaced); {fix}")
-        if _sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             raise ValueError(f"{path}: SHA-256 differs from {_WEIGHTS_LIST} (altered file); {fix}")
     return folder
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _VERIFIED: set[tuple[str, float]] = set()
@@ -758,7 +751,7 @@ class SDModels:
             if part == "tokenizer":
                 probe = self.tokenizer("a photo of a cat, 2 dogs & café!").input_ids
                 text = f"{len(self.tokenizer)}|{self.tokenizer.model_max_length}|{list(probe)}"
-                self._fingerprints[part] = hashlib.sha256(text.encode()).hexdigest()[:16]
+                self._fingerprints[part] = cache_key(text)
             else:
                 self._fingerprints[part] = module_fingerprint(getattr(self, part))
         return self._fingerprints[part]

@@ -8,7 +8,8 @@ Layout under the home folder (default ``~/mdlib-data``)::
 
 Every function that reads data takes a ``data_root`` argument that overrides this, and every notebook has a
 ``DATA_ROOT`` parameter. Derived, cached matrices go in ``<data root>/mdlib_cache/`` beside the data they
-come from, so a cache can never be mistaken for another dataset's.
+come from, so a cache can never be mistaken for another dataset's. docs/data.md, "Where the data lives", has
+the layout of a data root.
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ conditions are the paper's ablations (its Table 2) plus a ceiling and our fast m
 - ``"fast"``: stage 1's inputs with the fast stage 2 (guidance inside one sampling pass).
 
 Outputs go to the lessons' own folders (``<runs>/stage1/<preset>_<variant>_subjNN/...`` and
-``<runs>/stage2/...``), so what lessons 04 and 05 computed is read back, not recomputed.
+``<runs>/stage2/...``), so what lessons 04 and 05 computed is read back, not recomputed. The method's rows
+are in docs/method.md; how the conditions are scored, in docs/evaluation.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mdlib import paths
+from mdlib.cachekey import cache_key
 from mdlib.sampler import SamplerConfig, image_seed
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def common_test_ids(decoded_by_subject: dict) -> np.ndarray:
 
 def _settings_tag(*configs) -> str:
     text = json.dumps([c if isinstance(c, dict) else asdict(c) for c in configs], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+    return cache_key(text, n=8, algorithm="sha1")
 
 
 def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[int], config: MethodConfig,

@@ -1,7 +1,8 @@
 """Reconstructing a whole test set: one image at a time, sharded over processes, resumable (``mdlib reconstruct``).
 
-One subject's 982 test images through the published stage 2 take GPU-days, so the work is cut per image:
-each image is reconstructed on its own (batch of one: its result never depends on its neighbours), with its
+One subject's 982 test images through the published stage 2 are tens of thousands of UNet passes each (the
+cost per image: docs/reconstruct.md, "Cost per image"), far too much for one process, so the work is cut per
+image: each image is reconstructed on its own (batch of one: its result never depends on its neighbours), with its
 own seed (:func:`mdlib.sampler.image_seed` of its nsdId, never of the process), and written to a folder of
 its own::
 
@@ -53,7 +54,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -71,6 +71,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mdlib import paths, presets
+from mdlib.cachekey import cache_key
+from mdlib.progress import bar as progress_bar
 from mdlib.record import _write_atomic, to_jsonable, write_json_atomic, write_npz_atomic, write_png_atomic
 
 if TYPE_CHECKING:  # the heavy modules are imported where they are used: `mdlib info` needs no torch
@@ -306,12 +308,12 @@ def decode(job: Job, sd, clip, device=None, progress: bool = True, shard: Shard 
 # ------------------------------------------------------------------------------------------------- settings
 
 def _digest(arrays: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
+    """24 hex digits of the named arrays (sorted by name), each as ``"name|dtype|shape|"`` and its values."""
+    parts = []
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:24]
+        parts += [f"{name}|{a.dtype}|{a.shape}|", a.tobytes()]
+    return cache_key(*parts, n=24)
 
 
 def run_settings(job: Job, sd, clip, decoded) -> dict:
@@ -515,11 +517,9 @@ def run(job: Job, shard: Shard | None = None, device: str | None = None, *, retr
               "process": process}
     for old in folder.glob(".old-*"):     # a replaced attempt whose removal a kill interrupted: always garbage
         shutil.rmtree(old, ignore_errors=True)
-    from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
-
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), position=shard.local_rank, unit="image",
-               desc=f"subj{int(job.subject):02d} {job.tag} rank {shard.rank}/{shard.world}", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(mine), initial=len(mine) - len(todo), position=shard.local_rank, unit="image",
+                       desc=f"subj{int(job.subject):02d} {job.tag} rank {shard.rank}/{shard.world}",
+                       progress=progress, dynamic_ncols=True)
     done = failed = 0
     t_start = time.perf_counter()
     for row, nsd_id in todo:

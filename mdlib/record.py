@@ -2,7 +2,8 @@
 
 Each notebook ends by saving its numbers to ``<results dir>/<notebook>.json`` (written atomically) and
 showing them as a JSON output, as the recommenders project does with scrapbook. The notebook tests run the
-lesson with papermill and assert these numbers; ``mdlib course`` gathers them into one summary.
+lesson with papermill and assert these numbers; ``mdlib course`` gathers them into one summary (README.md,
+"Two commands", says where it is written).
 """
 
 from __future__ import annotations

@@ -31,15 +31,16 @@ k = min(n, p). Two things keep that affordable for 10^5 targets:
 - Pruning with exact bounds: ||r||^2 costs O(k) per (target, alpha) from z = Q'y, and LOO >=
   ||r||^2 / (n max d^2). Alphas are evaluated lowest-bound first; an alpha whose lower bound exceeds the best
   LOO found so far cannot win and is never evaluated (each evaluation also tightens the other alphas' bounds
-  by the triangle inequality). The chosen alpha is the same as without pruning; 2-3 of 10-13 alphas are
-  evaluated per target on the benchmark's problems (``timings_["loo_evals_per_target"]``).
+  by the triangle inequality). The chosen alpha is the same as without pruning; how many alphas were
+  evaluated per target is in ``timings_["loo_evals_per_target"]`` (benchmarks/README.md: a few of the grid).
 - float32 where it is safe: the decomposition, the leverages d and all bounds are float64; the per-chunk
   products (Q'Y, the LOO residuals, the coefficients) run in ``dtype`` (float32 by default). Every float32
-  LOO value carries a rounding-error bound (:func:`_resid_error`, :func:`_loo_error`; measured errors stay
-  13x or more below it, on well- and ill-conditioned problems); the few targets (about 1%) whose best and
-  runner-up alphas are closer than their bounds are re-done in float64, so the chosen alphas are those of
-  the float64 computation. Predictions then agree with scikit-learn's float64 ones to about 1e-6 relative of
-  their magnitude (the tests ask for 1e-4). ``dtype=torch.float64`` computes everything in float64.
+  LOO value carries a rounding-error bound (:func:`_resid_error`, :func:`_loo_error`, with the safety factor
+  ``_ERR_SAFETY`` over the errors measured on well- and ill-conditioned problems); the few targets whose best
+  and runner-up alphas are closer than their bounds are re-done in float64, so the chosen alphas are those of
+  the float64 computation. Predictions then agree with scikit-learn's float64 ones to float32's resolution
+  (the tests ask for 1e-4 relative; benchmarks/README.md has the measured differences).
+  ``dtype=torch.float64`` computes everything in float64.
 - Ties and the limits of "identical": scikit-learn keeps the first best alpha of the grid, and so does this
   module (exact ties: constant targets, repeated alphas). On numerically singular X (condition number
   ~1e15) float64 LOO values themselves are only good to ~1e-8 relative, and two alphas that close may be
@@ -55,7 +56,7 @@ an HDF5 dataset, a :class:`ColumnStack` of several feature arrays), so it need n
 Fitted decoders are saved with :meth:`RidgeDecoder.save` as safetensors with JSON metadata (no pickles).
 
 Taught in the decoding lessons; benchmarked in ``benchmarks/bench_ridge.py`` (against scikit-learn and
-himalaya).
+himalaya; the measured times, memory and differences are in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
 import mdlib
 from mdlib.device import resolve_device
+from mdlib.progress import bar as progress_bar
+from mdlib.stats import pearson
 
 #: The default alpha grid: 13 values, 0.1 ... 1e5, half a decade apart.
 DEFAULT_ALPHAS = np.logspace(-1, 5, 13)
@@ -100,7 +102,8 @@ PathLike = str | os.PathLike
 
 # -- small helpers ------------------------------------------------------------------------------------------
 def pearson_per_target(Y: np.ndarray, Y_hat: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Pearson r between each column of ``Y`` and of ``Y_hat``, computed in float64: (t,).
+    """Pearson r between each column of ``Y`` and of ``Y_hat``, computed in float64: (t,)
+    (:func:`mdlib.stats.pearson`, a block of columns at a time).
 
     Args:
         Y: (n, t) or (n,) true values.
@@ -117,13 +120,7 @@ def pearson_per_target(Y: np.ndarray, Y_hat: np.ndarray, chunk: int = 4096) -> n
     Y2, H2 = (Y[:, None], Y_hat[:, None]) if one_d else (Y, Y_hat)
     r = np.empty(Y2.shape[1])
     for j0 in range(0, Y2.shape[1], chunk):
-        a = Y2[:, j0:j0 + chunk].astype(np.float64)
-        b = H2[:, j0:j0 + chunk].astype(np.float64)
-        a -= a.mean(0)
-        b -= b.mean(0)
-        den = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r[j0:j0 + chunk] = np.where(den > 0, (a * b).sum(0) / np.where(den > 0, den, 1), np.nan)
+        r[j0:j0 + chunk] = pearson(Y2[:, j0:j0 + chunk], H2[:, j0:j0 + chunk], axis=0)
     return r[0] if one_d else r
 
 
@@ -508,7 +505,7 @@ class RidgeDecoder:
         np_dtype = np.float32 if self.dtype == torch.float32 else np.float64
         out = np.empty((X_test.shape[0], t), np_dtype) if X_test is not None else None
 
-        bar = tqdm(total=t, unit="target", disable=not self.progress, desc="ridge: preparing X")
+        bar = progress_bar(total=t, unit="target", progress=self.progress, desc="ridge: preparing X")
         self.timings_, self._t0 = {"chunk_size": None}, time.perf_counter()
         try:
             if self.mode == "select":

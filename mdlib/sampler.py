@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from mdlib.progress import bar as progress_bar
+
 #: The published sampler (docs/method.md): 50 DDIM steps, z noised to index 37, 35 steps, guidance 5.0, eta 0.
 PUBLISHED = {"num_steps": 50, "noise_index": 37, "denoise_steps": 35, "guidance_scale": 5.0, "eta": 0.0}
 
@@ -252,11 +254,7 @@ class DDIMSampler:
                 raise ValueError(f"unconditional embedding {tuple(uncond.shape[1:])} and c {tuple(cond.shape[1:])} "
                                  f"differ: embed the empty prompt with c's token count")
         steps = self.denoise_timesteps
-        bar = None
-        if progress:
-            from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
-
-            bar = tqdm(total=len(steps), desc="DDIM", leave=False)
+        bar = progress_bar(total=len(steps), desc="DDIM", leave=False, progress=progress)
         for i, t in enumerate(steps):
             step_noise = None
             if self.config.eta > 0:
@@ -267,10 +265,8 @@ class DDIMSampler:
                 x, x0 = self._one_step(x, cond, uncond, step_noise, t)
             if callback is not None:
                 callback(i, t, x, x0)
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
+            bar.update()
+        bar.close()
         return x
 
     def _one_step(self, x, cond, uncond, step_noise, t):

@@ -12,7 +12,6 @@ and a hash of its inputs), so an interrupted run resumes where it stopped and a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,7 +22,9 @@ import numpy as np
 import torch
 
 from mdlib import features
+from mdlib.cachekey import cache_key, float32_bytes
 from mdlib.models import SDModels
+from mdlib.progress import bar as progress_bar
 from mdlib.record import write_json_atomic, write_npz_atomic, write_png_atomic
 from mdlib.sampler import DDIMSampler, SamplerConfig, generators
 
@@ -119,11 +120,7 @@ def reconstruct(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConf
             todo.append(k)
         else:
             images[k], latents[k] = got
-    bar = None
-    if progress and todo:
-        from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
-
-        bar = tqdm(total=n, initial=n - len(todo), desc="stage 1", unit="image")
+    bar = progress_bar(total=n, initial=n - len(todo), desc="stage 1", unit="image", progress=progress and bool(todo))
     with torch.no_grad():
         for start in range(0, len(todo), batch_size):
             idx = todo[start:start + batch_size]
@@ -134,10 +131,8 @@ def reconstruct(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConf
                 images[k], latents[k], computed[k] = img[j], lat[j].float().cpu().numpy(), True
                 if folder is not None:
                     _save_one(folder, names[k], keys[k], images[k], latents[k])
-            if bar is not None:
-                bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+            bar.update(len(idx))
+    bar.close()
     return Stage1Output(images=images, latents=latents, seeds=seeds, config=config, computed=computed)
 
 
@@ -172,10 +167,7 @@ def _open_folder(out_dir, sd: SDModels, config: SamplerConfig) -> Path:
 
 
 def _input_key(z: torch.Tensor | None, cond: torch.Tensor, seed: int) -> str:
-    h = hashlib.sha256(str(int(seed)).encode())
-    for t in (z, cond):
-        h.update(b"none" if t is None else np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
-    return h.hexdigest()[:24]
+    return cache_key(str(int(seed)), *(b"none" if t is None else float32_bytes(t) for t in (z, cond)), n=24)
 
 
 def _load_one(folder: Path, name: str, key: str):

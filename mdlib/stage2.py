@@ -11,8 +11,8 @@ c, as the paper's Algorithm 1 does) with Adam or plain gradient steps (:class:`P
 variants of :mod:`mdlib.method` set it). Each denoising step is checkpointed
 (:class:`mdlib.sampler.DDIMSampler` ``checkpoint=True``), so the activations of only one step live at a
 time and memory does not grow with the number of steps. The cost is iterations x 35 steps x 2 guidance
-branches UNet passes forward, and as many again recomputed and backpropagated: hours per image on a GPU at
-300 iterations.
+branches UNet passes forward, and as many again recomputed and backpropagated (measured per image in
+benchmarks/README.md, ``bench_reconstruct.py`` and ``bench_stage2.py``).
 
 **Fast mode** (:func:`guide_fast`): one sampling pass; at every step the model's estimate of the clean
 latent ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)`` is decoded, its features compared with the decoded
@@ -43,7 +43,9 @@ import numpy as np
 import torch
 
 from mdlib import features
+from mdlib.cachekey import cache_key, float32_bytes
 from mdlib.models import ClipVision, SDModels
+from mdlib.progress import bar as progress_bar
 from mdlib.record import write_json_atomic, write_npz_atomic, write_png_atomic
 from mdlib.sampler import DDIMSampler, SamplerConfig, draw_noise, generators
 from mdlib.selection import RELEASED_KEEP, best_decoded_mask
@@ -328,8 +330,6 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
             targets, seeds and settings, so a run with anything changed gets a folder of its own.
         progress: a tqdm bar over iterations (postfix: the mean loss).
     """
-    from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
-
     config = config or PublishedConfig()
     device = sd.device
     sampler, z0, cond0, uncond = _inputs(sd, z, c, targets, seeds, sampler_config, c_includes_bos)
@@ -362,8 +362,8 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
                 "unet_backward": prior["unet_backward"] + (steps_done - start_it) * evals,
                 "wall_s": prior["wall_s"] + time.perf_counter() - t0}
 
-    bar = tqdm(total=config.iterations + 1, initial=start_it, desc="stage 2 (published)",
-               disable=not progress or final is not None)
+    bar = progress_bar(total=config.iterations + 1, initial=start_it, desc="stage 2 (published)",
+                       progress=progress and final is None)
     for it in range(start_it if final is None else config.iterations + 1, config.iterations + 1):
         # Iteration `it` scores the image of the current z; the last one (it == iterations) only scores.
         gens = generators([s + it * 7919 if config.fresh_noise else s for s in seeds])
@@ -431,7 +431,6 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
                config: FastConfig | None = None, sampler_config: SamplerConfig | None = None,
                c_includes_bos: bool = False, progress: bool = True) -> Stage2Output:
     """Stage 2, fast: one guided sampling pass (lesson 05). Arguments as :func:`guide_published`."""
-    from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
     config = config or FastConfig()
     device = sd.device
@@ -444,7 +443,7 @@ def guide_fast(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, se
     x = sampler.add_noise(z0.to(sd.dtype), draw_noise(gens, shape, device, sd.dtype))
     steps = sampler.denoise_timesteps
     stop = len(steps) if config.stop is None else config.stop
-    bar = tqdm(total=len(steps), desc="stage 2 (fast)", disable=not progress)
+    bar = progress_bar(total=len(steps), desc="stage 2 (fast)", progress=progress)
     step_losses = []
     backward = 0  # UNet passes backpropagated (through_unet: one per guided evaluation)
     for i, t in enumerate(steps):
@@ -513,18 +512,14 @@ def run_key(sd: SDModels, clip: ClipVision, z0: torch.Tensor, cond0: torch.Tenso
             seeds: Sequence[int], config: PublishedConfig, sampler_config: SamplerConfig) -> str:
     """A 24-hex-digit hash of everything a published run's result depends on (the models' fingerprints, z, c
     with BOS, the targets and masks, seeds and settings; not the snapshot list), naming its state folder."""
-    import hashlib
-
-    h = hashlib.sha256(f"{sd.fingerprint('unet')}|{sd.fingerprint('vae')}|{clip.fingerprint()}".encode())
+    fingerprints = f"{sd.fingerprint('unet')}|{sd.fingerprint('vae')}|{clip.fingerprint()}"
     tensors = [z0, cond0, *targets.blocks.values(), *targets.masks.values()]
     if targets.embedding is not None:
         tensors.append(targets.embedding)
-    for t in tensors:
-        h.update(np.ascontiguousarray(t.detach().float().cpu().numpy()).tobytes())
-    h.update(repr((list(targets.blocks), targets.cos_weight, targets.reduction, targets.block_scale, targets.resize,
-                   targets.clamp, [int(s) for s in seeds],
-                   asdict(config) | {"snapshots": None}, sampler_config.as_dict())).encode())
-    return h.hexdigest()[:24]
+    settings = repr((list(targets.blocks), targets.cos_weight, targets.reduction, targets.block_scale,
+                     targets.resize, targets.clamp, [int(s) for s in seeds],
+                     asdict(config) | {"snapshots": None}, sampler_config.as_dict()))
+    return cache_key(fingerprints, *(float32_bytes(t) for t in tensors), settings, n=24)
 
 
 class _State:

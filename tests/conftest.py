@@ -56,6 +56,33 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def mini_nsd(tmp_path_factory):
+    """A factory: ``mini_nsd(**params)`` -> the root of a mini-NSD written by ``write_mini_nsd(root, **params)``.
+
+    Each distinct parameter set is written once per session; every call returns a copy of its own (a new
+    ``<tmp>/mini*/mini-nsd`` folder), so what a test module adds there (caches under ``mdlib_cache/``, fetched
+    files) never reaches another module's data. ``progress`` defaults to False.
+    """
+    import shutil
+
+    from mdlib.synth.write import write_mini_nsd
+
+    written = {}
+
+    def make(**params):
+        params.setdefault("progress", False)
+        key = repr(sorted(params.items()))
+        if key not in written:
+            written[key] = tmp_path_factory.mktemp("mini-nsd-source") / "mini-nsd"
+            write_mini_nsd(written[key], **params)
+        root = tmp_path_factory.mktemp("mini") / "mini-nsd"
+        shutil.copytree(written[key], root)
+        return root
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """The tiny offline Stable Diffusion + CLIP set, built (seeded) once per test module."""

@@ -407,19 +407,21 @@ def test_the_mini_path_puts_its_tiny_clip_in_the_clip_column(scene_images):
 
 def test_the_stimuli_s_features_are_computed_once(scene_images, monkeypatch):
     """Several conditions (and subjects) scored against one set of stimuli: each network sees the stimuli once."""
+    from mdlib.cachekey import cache_key
+
     nets = evalnets.EvalNetworks(weights="random", device="cpu", seed=0, batch_size=8, progress=False)
     seen = []
     real = nets.preprocess
 
     def spy(key, images):
-        seen.append((key, evalnets._content_key(np.asarray(images))))
+        seen.append((key, cache_key(np.asarray(images), n=None)))
         return real(key, images)
 
     monkeypatch.setattr(nets, "preprocess", spy)
     stim = scene_images[10:14].copy()
     for k in range(3):
         evaluation.evaluate(scene_images[k * 4:k * 4 + 4], stim, nets, metrics=["AlexNet(2)", "SwAV"])
-    stim_key = evalnets._content_key(stim)
+    stim_key = cache_key(stim, n=None)
     assert sum(1 for key, c in seen if c == stim_key) == 2        # alexnet and swav, once each
     assert len(seen) == 3 * 2 + 2                                  # three reconstruction sets, the stimuli once
 

@@ -13,13 +13,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def mini_root(tmp_path_factory):
-    from mdlib.synth.write import write_mini_nsd
-
-    root = tmp_path_factory.mktemp("mini") / "mini-nsd"
-    write_mini_nsd(root, subjects=(1,), n_shared=6, n_per_subject=24, trials_per_session=18, stim_size=32,
-                   progress=False)
-    return root
+def mini_root(mini_nsd):
+    return mini_nsd(subjects=(1,), n_shared=6, n_per_subject=24, trials_per_session=18, stim_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # -- the server, the bucket and a client that records (and can break) transfers -------------------------------
 
 @pytest.fixture(scope="module")
-def mini_root(tmp_path_factory):
-    from mdlib.synth.write import write_mini_nsd
-
-    root = tmp_path_factory.mktemp("mini-source") / "mini-nsd"
-    write_mini_nsd(root, **MINI)
-    return root
+def mini_root(mini_nsd):
+    return mini_nsd(**MINI)
 
 
 def _coco_zip(root: Path) -> bytes:
@@ -663,14 +659,8 @@ def test_no_stimulus_file_says_how_to_get_one(tmp_path):
 # -- the lessons on fetched data ---------------------------------------------------------------------------------
 
 #: Lesson 03 on PRESET "nsd" would load Stable Diffusion v1-4 and CLIP ViT-B/32: the shipped tiny models instead,
-#: the mini path's, on both roots.
-TINY_MODELS = {"SD_MODEL": "tiny-trained", "CLIP_MODEL": "tiny-trained"}
-
-
-def _mini_n_select(n_voxels: int) -> dict[str, int]:
-    """Lesson 03's FastL2LiR voxel counts on the mini path (its N_SELECT scaled by the ROI's size against the
-    released ROI's 11,694 voxels). The real path takes N_SELECT as given (3000 voxels: minutes on this ROI)."""
-    return {k: max(1, round(v * n_voxels / 11694)) for k, v in {"z": 3000, "c": 450, "clip": 850}.items()}
+#: the mini path's, on both roots (lesson 03's advanced settings).
+TINY_MODELS = {"ADVANCED": {"sd_model": "tiny-trained", "clip_model": "tiny-trained"}}
 
 
 @pytest.mark.slow
@@ -689,9 +679,8 @@ def test_lessons_01_to_03_on_fetched_data_record_what_they_record_on_mini_nsd(fe
     for name, data_root in (("fetched", root), ("mini", mini_root)):
         summary = course.run_course("nsd", data_root=data_root, out=tmp_path / name, only=["01", "02"],
                                     progress=False)
-        n_select = _mini_n_select(summary["results"]["01_nsd_data"]["n_voxels_nsdgeneral"])
         summary = course.run_course("nsd", data_root=data_root, out=tmp_path / name, only=["03"],
-                                    parameters={**TINY_MODELS, "N_SELECT": n_select}, progress=False)
+                                    parameters=TINY_MODELS, progress=False)
         results[name] = summary["results"]
     got, want = results["fetched"], results["mini"]
     assert set(got) == set(want) == {"01_nsd_data", "02_voxels_nilearn", "03_ridge_decoding"}

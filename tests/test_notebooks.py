@@ -32,9 +32,9 @@ def mini_root(tmp_path_factory):
 
 
 #: Lesson 05 in CI: 8 images in one batch (on a CPU the tiny models' cost is mostly per call, so one batch of 8
-#: costs little more than one of 2), which lesson 06 then reads back as its first batch. The default variant
-#: ("mdlib"); the mini preset's 10 iterations (docs/method.md, "The mini path").
-LESSON_05_SMOKE = {"N_IMAGES": 8, "BATCH_SIZE": 8}
+#: costs little more than one of 2), which lesson 06 then reads back as its first batch (its batch_size must be
+#: the same). The default variant ("mdlib"); the mini preset's 10 iterations (docs/method.md, "The mini path").
+LESSON_05_SMOKE = {"N_IMAGES": 8, "ADVANCED": {"batch_size": 8}}
 LESSON_05_ITERATIONS = 10
 
 
@@ -56,7 +56,7 @@ STAGE1_IDENTIFICATION_FLOOR = 60.0
 #: subjects, the default variant (the mini preset's 10 iterations). Stage 2's gain in pixels differs much from
 #: image to image (on a few images whose stage-1 reconstruction is already close it can be a loss): the
 #: ablation's claim is tested on a mean over 16.
-LESSON_06_SMOKE = {"N_IMAGES": 16, "BATCH_SIZE": 8, "SUBJECTS": [SUBJECT, OTHER_SUBJECT]}
+LESSON_06_SMOKE = {"N_IMAGES": 16, "SUBJECTS": [SUBJECT, OTHER_SUBJECT], "ADVANCED": {"batch_size": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,15 @@ def test_lesson_03_decodes_each_feature_family_between_chance_and_the_noiseless_
     assert med["c"] > null["c"] + 0.1 and med["clip_block1"] > null["clip_block1"] + 0.3
     assert r["distinct_alphas_z"] > 1  # leave-one-out picks different alphas for different targets
     assert 0 < r["voxel_share_early"] < 1
+    assert set(r["weight_share_early"]) == {"z", "c", "clip_block1"}
+    assert all(0 < v < 1 for v in r["weight_share_early"].values())
+    # What the lesson says of mini-NSD: a target's r across images is mostly the images' overall colour (the
+    # background), so the decoded channel means alone keep most of z's and CLIP block 1's median r.
+    means = r["median_r_means_only"]
+    assert set(means) == {"z", "clip_block1"}
+    for family, row in means.items():
+        assert row["decoded"] == pytest.approx(med[family], abs=1e-9), family
+        assert row["decoded means only"] > 0.8 * row["decoded"], family
     # The default variant ran, and FastL2LiR used the released reconstruction's voxel counts (z 4000, c 125,
     # CLIP 850), scaled on the mini path to the same share of this ROI as of the released ROI's 11,694 voxels.
     assert r["method"]["variant"] == "mdlib" and r["method"]["rows"]["decoder"] == "ridge"
@@ -226,6 +235,13 @@ def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run
         assert r["metrics"][name]["PixCorr"] == pytest.approx(pc, abs=0.005), name
         assert r["metrics"][name]["SSIM"] == pytest.approx(ss, abs=0.005), name
         assert -1 <= pc <= 1 and -1 <= ss <= 1
+    # The floor the lesson reads the scores against: each stimulus scored against the next test image's; stage 1
+    # from the decoded (z, c) beats it on both metrics.
+    pc, ss = _pixcorr_ssim_reference(stim[(np.arange(len(stim)) + 1) % len(stim)], stim)
+    floor = r["metrics"]["another test image"]
+    assert floor["PixCorr"] == pytest.approx(pc, abs=0.005) and floor["SSIM"] == pytest.approx(ss, abs=0.005)
+    for m in ("PixCorr", "SSIM"):
+        assert r["metrics"]["decoded (z, c)"][m] > floor[m], m
     # A saved image is the published sampler run on the decoded (z, c) with its nsdId's seed: remake two.
     sd = models.load_sd("tiny-trained", device="cpu")   # the mini path's models
     dec = decoding.decode_features(mini_root, SUBJECT, sd, families=["z", "c"], posterior="mean", progress=False)

@@ -39,12 +39,8 @@ def test_prepare_names_a_missing_nsd_and_its_fix(tmp_path):
     assert presets.get("nsd").truth(tmp_path, 1) is None
 
 
-def test_prepare_mini_reuses_an_existing_mini_nsd(tmp_path):
-    from mdlib.synth.write import write_mini_nsd
-
-    mini_root = tmp_path / "mini-nsd"
-    write_mini_nsd(mini_root, subjects=(1,), n_shared=6, n_per_subject=24, trials_per_session=18, stim_size=32,
-                   progress=False)
+def test_prepare_mini_reuses_an_existing_mini_nsd(mini_nsd):
+    mini_root = mini_nsd(subjects=(1,), n_shared=6, n_per_subject=24, trials_per_session=18, stim_size=32)
     assert presets.get("mini").prepare(mini_root) == mini_root
     truth = presets.get("mini").truth(mini_root, 1)
     assert truth["brainmask"].ndim == 3

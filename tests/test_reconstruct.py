@@ -29,13 +29,8 @@ SHORT = ["--num-steps", "10", "--noise-index", "6", "--denoise-steps", "5"]
 
 
 @pytest.fixture(scope="module")
-def mini_root(tmp_path_factory):
-    from mdlib.synth.write import write_mini_nsd
-
-    root = tmp_path_factory.mktemp("mini") / "mini-nsd"
-    write_mini_nsd(root, subjects=(1,), n_shared=8, n_per_subject=40, trials_per_session=24, stim_size=64,
-                   progress=False)
-    return root
+def mini_root(mini_nsd):
+    return mini_nsd(subjects=(1,), n_shared=8, n_per_subject=40, trials_per_session=24, stim_size=64)
 
 
 def _args(root, out, *extra):

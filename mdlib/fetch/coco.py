@@ -10,6 +10,7 @@ against the size and CRC-32 in the zip's directory, and moved into place. The so
 A second run finds the files recorded in the fetch state (same stat) and makes no request at all; a file
 that changed is checked against the CRC-32 recorded from the zip, and extracted again if it differs. An
 interrupted member is extracted again from its start (deflate streams cannot be resumed midway).
+docs/fetch.md, "What it fetches".
 """
 
 from __future__ import annotations

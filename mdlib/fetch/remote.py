@@ -15,6 +15,8 @@
   run left a part, checked (size against HEAD and the manifest; MD5 against the ETag when the ETag is a plain
   MD5, i.e. has no ``-``: multipart uploads' ETags are not MD5s, then size only), then moved into place with
   ``os.replace``: a file is at its final path only when complete and verified.
+
+docs/fetch.md, "How it transfers", describes this for users.
 """
 
 from __future__ import annotations

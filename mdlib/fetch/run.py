@@ -11,6 +11,8 @@ The order of work:
 4. the downloads, ``workers`` in parallel, with one progress bar over their bytes;
 5. each subject's images from the brick (:mod:`mdlib.fetch.subset`), unless present;
 6. the COCO caption files (:mod:`mdlib.fetch.coco`), unless present.
+
+``mdlib fetch`` calls it; docs/fetch.md is its manual.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from mdlib.fetch.manifest import PURPOSES, STIMULI_CHOICES, Item, NSDManifest, l
 from mdlib.fetch.remote import PART_SUFFIX, FetchError, FetchState, MissingKeyError, RateLimit, RemoteObject, \
     S3Store, check_local, download_file
 from mdlib.nsd import layout
+from mdlib.progress import bar as progress_bar
 
 _MISSING_HINT = ("The keys come from data_manifest/nsd.yaml for the subjects and sessions asked for: check "
                  "--subject (NSD has subjects 1..8), --last-session, --bucket and --endpoint-url.")
@@ -113,11 +116,9 @@ class _Bar:
     """A tqdm bar that threads may update."""
 
     def __init__(self, total: int, desc: str, unit: str, enabled: bool) -> None:
-        from tqdm.auto import tqdm
-
         scale = unit == "B"
-        self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=scale, unit_divisor=1000 if scale else 1,
-                         disable=not enabled or total == 0)
+        self._bar = progress_bar(total=total, desc=desc, unit=unit, unit_scale=scale,
+                                 unit_divisor=1000 if scale else 1, progress=enabled and total != 0)
         self._lock = threading.Lock()
 
     def update(self, n: int) -> None:

@@ -17,12 +17,12 @@ NSD's ``nsd_stimuli.hdf5`` holds ``imgBrick`` (73000, 425, 425, 3) uint8, contig
 4. When every row is in, the part is hashed (MD5, kept in the fetch state for later checks) and moved into
    place with ``os.replace``.
 
-The file is what :class:`mdlib.nsd.stimuli.StimulusReader` reads when the brick is absent.
+The file is what :class:`mdlib.nsd.stimuli.StimulusReader` reads when the brick is absent (docs/data.md,
+"The images: the brick and the per-subject files").
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -33,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mdlib.cachekey import cache_key
 from mdlib.fetch.remote import PART_SUFFIX, FetchError, FetchState, RangedReader, RemoteObject, S3Store, \
     file_md5, retrying
 
@@ -68,7 +69,8 @@ def inspect_brick(store: S3Store, remote: RemoteObject, dataset: str = "imgBrick
 
 
 def ids_digest(nsd_ids: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(nsd_ids, dtype=np.int64).tobytes()).hexdigest()
+    """SHA-256 of the ids as int64 (64 hex digits): which images a subject file holds (its fetch record)."""
+    return cache_key(np.asarray(nsd_ids, dtype=np.int64).tobytes(), n=None)
 
 
 def plan_runs(nsd_ids: np.ndarray, row_bytes: int, max_gap_rows: int = 2,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -35,10 +34,11 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import scipy.sparse
-from tqdm import tqdm  # the plain bar: tqdm.auto needs ipywidgets in Jupyter
 
 from mdlib import paths
+from mdlib.cachekey import cache_key
 from mdlib.nsd import layout
+from mdlib.progress import bar as progress_bar
 from mdlib.nsd.rois import check_grid, nsd_affine, roi_mask_and_affine, voxel_coords
 from mdlib.record import write_npz_atomic
 
@@ -404,7 +404,8 @@ def _build(root: Path, subject: int, sessions: tuple[int, ...], table: pd.DataFr
         out = np.empty((len(order), n_vox), dtype=np.float32)
 
     constant = np.zeros(n_vox, dtype=bool)
-    bar = tqdm(sessions, desc=f"{layout.subj(subject)} betas ({roi_name})", unit="session", disable=not progress)
+    bar = progress_bar(sessions, desc=f"{layout.subj(subject)} betas ({roi_name})", unit="session",
+                       progress=progress)
     for s in bar:
         here = session == s
         x = read_session(root, subject, s, mask, fmt, affine=affine)
@@ -458,17 +459,17 @@ def _check_session_length(n_volumes: int, n_trials: int, subject: int, session: 
 def _cache_path(root: Path, subject: int, roi_name: str, params: dict, files: list[Path], table: pd.DataFrame,
                 mask: np.ndarray, affine: np.ndarray | None) -> Path:
     """``<root>/mdlib_cache/subjNN/betas_<roi>_<key>.npz``; the key hashes everything the result depends on."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    parts: list = [params]
     for path in files:  # a re-downloaded or edited file changes size or mtime
         stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};")
     for column in ("trial", "session", "volume", "nsd_id", "shared"):
-        digest.update(np.ascontiguousarray(table[column].to_numpy(np.int64)).tobytes())
-    digest.update(np.packbits(mask).tobytes() + str(mask.shape).encode())
+        parts.append(np.ascontiguousarray(table[column].to_numpy(np.int64)).tobytes())
+    parts.append(np.packbits(mask).tobytes() + str(mask.shape).encode())
     if affine is not None:
-        digest.update(np.round(np.asarray(affine, dtype=float), 4).tobytes())
+        parts.append(np.round(np.asarray(affine, dtype=float), 4).tobytes())
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", roi_name).strip("-") or "roi"
-    return paths.cache_dir(root) / layout.subj(subject) / f"betas_{slug}_{digest.hexdigest()[:16]}.npz"
+    return paths.cache_dir(root) / layout.subj(subject) / f"betas_{slug}_{cache_key(*parts)}.npz"
 
 
 def _save_cached(target: Path, betas: Betas) -> None:

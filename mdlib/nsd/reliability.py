@@ -8,7 +8,9 @@ at least twice carry information about noise, so images with a single trial are 
 - :func:`ncsnr` and :func:`noise_ceiling`: NSD's definitions (Allen et al., Nature Neuroscience 2022).
 - :func:`volume_from_values`: per-voxel values back into an (X, Y, Z) NIfTI image for nilearn plots.
 
-Taught in ``notebooks/02_voxels_nilearn.ipynb``.
+The correlations are :func:`mdlib.stats.pearson`'s (0 where undefined). mini-NSD's simulated brain has these
+values built in, so the lesson can check them (docs/mini_world.md, "The simulated brains"). Taught in
+``notebooks/02_voxels_nilearn.ipynb``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from mdlib.nsd.rois import voxel_coords
+from mdlib.stats import pearson
 
 SPLITS = ("first_two", "odd_even")
 
@@ -61,7 +64,7 @@ def split_half_reliability(trial_responses: np.ndarray, image_ids: np.ndarray,
         second = np.stack([x[r[1::2]].mean(axis=0) for r in rows])
     else:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return _columnwise_corr(first, second)
+    return pearson(first, second, axis=0, undefined=0.0, clip=True)
 
 
 def ncsnr(trial_responses: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
@@ -170,13 +173,3 @@ def _check(trial_responses: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
     if np.asarray(image_ids).ravel().shape[0] != x.shape[0]:
         raise ValueError(f"{np.asarray(image_ids).size} image ids for {x.shape[0]} trials")
     return x
-
-
-def _columnwise_corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of each column of ``a`` with the same column of ``b``; 0 where undefined."""
-    a = a - a.mean(axis=0, dtype=np.float64)
-    b = b - b.mean(axis=0, dtype=np.float64)
-    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = (a * b).sum(axis=0) / denom
-    return np.where(denom > 0, np.clip(r, -1.0, 1.0), 0.0)

@@ -10,7 +10,7 @@
 - COCO 2017 ``captions_{train,val}2017.json``: about five captions per image, found through ``cocoId``.
 
 nsdIds are 0-based everywhere in mdlib (the design file's 1-based ids are converted in ``design``).
-Taught in ``notebooks/01_nsd_data.ipynb``.
+The formats: docs/data.md. Taught in ``notebooks/01_nsd_data.ipynb``.
 """
 
 from __future__ import annotations

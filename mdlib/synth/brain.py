@@ -36,6 +36,8 @@ drifts that per-session z-scoring removes. Repeats of an image differ only by no
 So the NSD-style noise-ceiling SNR is ``ncsnr = signal_sd / noise_sd``; the expected correlation between two
 single trials of the same images (split-half reliability) is ``ncsnr^2 / (1 + ncsnr^2)``; NSD's noise ceiling
 for the average of n trials is ``100 * ncsnr^2 / (ncsnr^2 + 1/n)`` percent.
+
+docs/mini_world.md, "The simulated brains", describes it for the lessons' readers.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ _AREA_PROPS["FEF"] = dict(mix=0.3, ncsnr=0.15, s0=0.3, s1=0.0, w=(0.2, 0.2, 1.0,
 _UNLABELLED_VISUAL = dict(mix=0.5, ncsnr=0.12, s0=0.3, s1=0.0, w=(0.3, 0.3, 1.0, 0.5), sem=(0.3, 0.3, .3, .3))
 assert set(_AREA_PROPS) == set(KASTNER2015) == set(_AREA_MAP)
 
-#: The low-level feature channels of :func:`image_features`, in order.
+#: The low-level feature channels of :func:`low_level_feature_maps`, in order.
 FEATURE_CHANNELS = ("luminance", "red-green", "blue-yellow", "contrast", "ori0", "ori45", "ori90", "ori135")
 _ECC_MAX = 0.6  # eccentricity (fraction of the image side) at the anterior edge of V1-V3's map
 _CORTEX_DEPTH = 2.5  # voxels: cortical ribbon thickness (distance from the hemisphere's surface)
@@ -320,7 +322,7 @@ def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     return (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
-def image_features(images: np.ndarray, res: int = 32, batch: int = 128) -> np.ndarray:
+def low_level_feature_maps(images: np.ndarray, res: int = 32, batch: int = 128) -> np.ndarray:
     """Low-level feature maps of images: (n, 8, res, res) float32, channels :data:`FEATURE_CHANNELS`.
 
     ``images``: (n, S, S, 3) uint8. Channels: luminance, red-green and blue-yellow opponency (all in 0..1
@@ -537,7 +539,7 @@ def simulate_brain(subject: int, dims, images: np.ndarray, scene_list: list, see
     prf_s = np.maximum(prf_s, 0.7 / min(feature_res, images.shape[1]))  # at least ~a feature pixel
 
     # Low-level drive: Gaussian pRF pooling of z-scored feature maps with voxel-specific channel weights.
-    feats = image_features(images, res=feature_res)  # (n, 8, r, r)
+    feats = low_level_feature_maps(images, res=feature_res)  # (n, 8, r, r)
     n, C, r, _ = feats.shape
     mu = feats.mean(axis=(0, 2, 3), keepdims=True)
     sd = feats.std(axis=(0, 2, 3), keepdims=True) + 1e-8

@@ -12,7 +12,7 @@ Everything is deterministic given a :class:`numpy.random.Generator`. Images are 
 
 Conventions: positions ``x`` (left to right) and ``y`` (top to bottom) are fractions of the image side in
 [0, 1], as in image (row, column) order; sizes are fractions of the image side; angles are in degrees,
-counter-clockwise as seen on the screen.
+counter-clockwise as seen on the screen. docs/mini_world.md, "The scenes", shows them.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import scipy.io
 
 import mdlib
 from mdlib.nsd import layout
+from mdlib.progress import bar as progress_bar
 from mdlib.synth import brain as _brain
 from mdlib.synth import scenes as _scenes
 
@@ -73,8 +74,10 @@ def truth_file(subject: int) -> PurePosixPath:
 # ------------------------------------------------------------------------------------------------ design
 
 @dataclass
-class Design:
-    """The experimental design, in nsd_expdesign.mat's conventions (1-based values).
+class SyntheticDesign:
+    """mini-NSD's drawn experimental design (:func:`make_design`), in nsd_expdesign.mat's conventions (1-based
+    values), before it is written as that file. The design read back from disk, NSD's or mini-NSD's, is
+    :class:`mdlib.nsd.design.Design`.
 
     ``masterordering`` (n_trials,): subjectim column (1..n_per_subject) shown on each trial, the same for all
     subjects; ``subjectim`` (8, n_per_subject): 1-based nsdIds, ``subjectim[:, :n_shared] == sharedix``;
@@ -127,7 +130,7 @@ def _break_adjacent_repeats(mo: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 
 def make_design(n_shared: int, n_per_subject: int, trials_per_session: int, n_unseen: int = 10,
-                seed: int = 0) -> Design:
+                seed: int = 0) -> SyntheticDesign:
     """Draw a design like NSD's: each subject sees ``n_per_subject`` images 3 times, the first ``n_shared``
     columns shared by all 8 subjects, the others distinct per subject.
 
@@ -167,9 +170,9 @@ def make_design(n_shared: int, n_per_subject: int, trials_per_session: int, n_un
     np.add.at(basiccnt, (rep, np.arange(n_trials) // trials_per_session), 1)
     full = max(layout.NSD_SESSIONS_COMPLETED.values())
     completed = {k: max(1, int(round(n_sessions * v / full))) for k, v in layout.NSD_SESSIONS_COMPLETED.items()}
-    return Design(masterordering=mo + 1, subjectim=subjectim, sharedix=sharedix, basiccnt=basiccnt,
-                  trials_per_session=int(trials_per_session), n_shared=int(n_shared), n_stimuli=int(n_stimuli),
-                  sessions_completed=completed)
+    return SyntheticDesign(masterordering=mo + 1, subjectim=subjectim, sharedix=sharedix, basiccnt=basiccnt,
+                           trials_per_session=int(trials_per_session), n_shared=int(n_shared),
+                           n_stimuli=int(n_stimuli), sessions_completed=completed)
 
 
 def _check_design_params(n_shared, n_per_subject, trials_per_session, n_unseen):
@@ -229,7 +232,7 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
         gz.write(img.to_bytes())
 
 
-def _write_design(root: Path, d: Design) -> None:
+def _write_design(root: Path, d: SyntheticDesign) -> None:
     # MATLAB stores these as doubles, as the real file does: loaders must cast to int.
     _write_bytes(root / layout.expdesign(), _mat_bytes({
         "masterordering": d.masterordering[None, :].astype(np.float64),
@@ -239,7 +242,7 @@ def _write_design(root: Path, d: Design) -> None:
     }))
 
 
-def _stim_info(d: Design, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+def _stim_info(d: SyntheticDesign, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
     """nsd_stim_info_merged's table (row = nsdId) and each stimulus's original COCO (width, height)."""
     n = d.n_stimuli
     coco_ids = rng.choice(np.arange(1, _COCO_ID_MAX), size=n, replace=False)
@@ -337,7 +340,7 @@ def _write_subject_static(root: Path, b: _brain.SimulatedBrain) -> None:
     _save_nifti(root / layout.anatomy_file(s, "brainmask"), b.anat.brainmask.astype(np.int16), aff)
 
 
-def _write_session(root: Path, b: _brain.SimulatedBrain, d: Design, session: int) -> None:
+def _write_session(root: Path, b: _brain.SimulatedBrain, d: SyntheticDesign, session: int) -> None:
     """betas_sessionSS as .nii.gz (X, Y, Z, T) and .hdf5 (T, Z, Y, X), int16 = % x 300, zero off-brain."""
     T = d.trials_per_session
     t0 = (session - 1) * T
@@ -352,7 +355,7 @@ def _write_session(root: Path, b: _brain.SimulatedBrain, d: Design, session: int
         f.create_dataset("betas", data=np.ascontiguousarray(vol.transpose(3, 2, 1, 0)), chunks=(T, 1, 1, 1))
 
 
-def _write_truth(root: Path, b: _brain.SimulatedBrain, d: Design) -> None:
+def _write_truth(root: Path, b: _brain.SimulatedBrain, d: SyntheticDesign) -> None:
     """The ground-truth sidecar of a subject (see :func:`load_truth`)."""
     sig = np.flatnonzero(b.signal_sd > 0)
     ijk = np.stack(np.unravel_index(b.voxels[sig], b.anat.dims), axis=1).astype(np.int16)
@@ -511,11 +514,9 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
     _write_scenes_truth(root, scene_list)
 
     # Per subject: simulated brain, ROIs, anatomy, betas, truth.
-    from tqdm.auto import tqdm
-
     per_subject = {}
     total = sum(design.sessions_completed[s] for s in subjects)
-    with tqdm(total=total, desc="mini-NSD betas", unit="session", disable=not progress) as bar:
+    with progress_bar(total=total, desc="mini-NSD betas", unit="session", progress=progress) as bar:
         for s in subjects:
             bar.set_postfix_str(f"{layout.subj(s)}: simulating")
             cols = design.subjectim[s - 1] - 1

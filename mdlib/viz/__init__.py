@@ -14,13 +14,24 @@ import numpy as np
 
 
 def image_grid(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] | None = None, ncols: int = 8,
-               size: float = 1.6, title: str | None = None, wrap: int = 28):
-    """Show images (each (H, W, 3) uint8 or float in [0, 1]) in a grid; titles are wrapped to ``wrap`` chars."""
+               size: float = 1.6, title: str | None = None, wrap: int = 28,
+               row_labels: Sequence[str] | None = None):
+    """Show images (each (H, W, 3) uint8 or float in [0, 1]) in a grid; titles are wrapped to ``wrap`` chars.
+
+    ``row_labels``: one label per row, written left of the row's first image (wrapped to 14 characters); the
+    figure widens to hold them. ``fig.axes`` stay the images, in order."""
     import textwrap
 
     n = len(images)
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
+    labels = None
+    if row_labels is not None:
+        if len(row_labels) != nrows:
+            raise ValueError(f"{len(row_labels)} row labels for {nrows} rows")
+        labels = ["\n".join(textwrap.wrap(str(t), 14)) for t in row_labels]
+    # Inches left of the images for the row labels: 8 pt text, about 0.6 em a character.
+    left = max(len(line) for t in labels for line in t.split("\n")) * 8 * 0.6 / 72 + 0.15 if labels else 0.0
     # Each line of a title is wrapped on its own: the line breaks the caller put in are kept.
     wrapped = (["\n".join(w for part in str(t).split("\n") for w in textwrap.wrap(part, wrap) or [""])
                 for t in titles] if titles is not None else None)
@@ -29,16 +40,19 @@ def image_grid(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] 
     lines = max(t.count("\n") + 1 for t in wrapped) if wrapped else 0
     head = lines * 7 * 1.25 / 72 + 0.08 if lines else 0.0      # inches of title above each image
     gap, top = 0.06, (0.45 if title else 0.05)
-    width, height = size * ncols, (size + head) * nrows + top
+    width, height = left + size * ncols, (size + head) * nrows + top
     fig = plt.figure(figsize=(width, height))
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         bottom = height - top - (r + 1) * (size + head)
-        ax = fig.add_axes(((c * size + gap / 2) / width, bottom / height, (size - gap) / width, (size - gap) / height))
+        ax = fig.add_axes(((left + c * size + gap / 2) / width, bottom / height, (size - gap) / width,
+                           (size - gap) / height))
         ax.imshow(np.asarray(img))
         ax.axis("off")
         if wrapped is not None:
             ax.set_title(wrapped[i], fontsize=7, pad=2)
+        if labels is not None and c == 0:
+            ax.text(-0.06, 0.5, labels[r], transform=ax.transAxes, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, y=1 - 0.1 / height, va="top")
     return fig
