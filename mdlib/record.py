@@ -113,7 +113,9 @@ class Results(dict):
         self.name = name
         self.path = Path(results_dir) / f"{name}.json"
 
-    def save(self, display: bool = True) -> Path:
+    def save(self, display: bool = False) -> Path:
+        """Write the JSON file atomically and return its path; ``display``: also show it as a collapsible JSON
+        tree in Jupyter (off by default: a lesson's numbers are printed where they are explained)."""
         path = write_json_atomic(self.path, dict(self))
         if display:
             try:
