@@ -5,7 +5,7 @@ A lesson's parameters cell holds what a learner changes (``PRESET``, ``SUBJECT``
 lesson's defaults below and refuses names it does not know, listing the known ones; :func:`table` shows them
 with their defaults and meaning. A papermill run sets them the same way::
 
-    papermill notebooks/06_evaluation.ipynb out.ipynb -p PRESET nsd -y "ADVANCED: {protocol: mindeye}"
+    papermill notebooks/06_evaluation.ipynb out.ipynb -p PRESET nsd -y "ADVANCED: {eval_weights: pretrained}"
 
 The defaults are the lesson's; the method's own rows (the paper's and the released code's choices) are set by
 ``VARIANT`` and live in :mod:`mdlib.method` (docs/method.md), not here.
