@@ -143,9 +143,11 @@ def cmd_fetch(args) -> int:
 def cmd_reconstruct(args) -> int:
     from .reconstruct import main as reconstruct_main
 
+    from .reconstruct import BusyError
+
     try:
         return reconstruct_main(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, BusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -20,6 +20,7 @@ change is listed in :attr:`MethodConfig.changes`, and :func:`describe` gives eve
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,8 @@ class MethodConfig:
         if self.decoder == "fastl2lir" and self.select_by == "loo-r2" and self.keep < 1:
             raise ValueError("the FastL2LiR decoder gives no leave-one-out R^2: with decoder='fastl2lir' select "
                              "the features by 'cv5-r' (the released criterion), or keep = 1")
+        if not (math.isfinite(self.cos_weight) and self.cos_weight >= 0):
+            raise ValueError(f"cos_weight must be a finite number >= 0, got {self.cos_weight}")
         if not 0 <= self.loss_clip_weight <= 1:
             raise ValueError(f"loss_clip_weight must be in [0, 1], got {self.loss_clip_weight}")
 

@@ -171,6 +171,9 @@ def select_images(test_ids: Sequence[int], spec: str = "test") -> np.ndarray:
     stop = int(m[2]) if m[2] else len(ids)
     if start >= stop or start >= len(ids):
         raise ValueError(f"images {spec!r} selects nothing from {len(ids)} test images (positions 0..{len(ids)})")
+    if stop > len(ids):   # never clamped in silence: a range written for another subject or split is a mistake
+        raise ValueError(f"images {spec!r} reaches position {stop}, but there are {len(ids)} test images "
+                         f"(positions 0..{len(ids)}): use {start}..{len(ids)} or {start}.. for the rest")
     return ids[start:stop]
 
 
@@ -252,6 +255,9 @@ def pick_device(device: str | None, shard: Shard):
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to this process (torch.cuda.is_available() is "
+                         "False); run on a GPU node, check CUDA_VISIBLE_DEVICES, or pass --device cpu")
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", shard.local_rank % torch.cuda.device_count())
     return resolve_device(dev)
@@ -269,11 +275,16 @@ def load_models(job: Job, device) -> tuple:
     return sd, clip
 
 
+class BusyError(RuntimeError):
+    """Another process holds the lock; the message says which work and what to do."""
+
+
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, waiting: str = ""):
+def file_lock(path: str | os.PathLike, waiting: str = "", busy: str | None = None):
     """An exclusive ``fcntl.flock`` on ``path`` (created) for the block; prints ``waiting`` to stderr when
-    another process holds it. The OS releases it when its holder exits, however it exits (works on local
-    file systems and NFS; Lustre needs the ``flock`` mount option)."""
+    another process holds it and waits, or, with ``busy``, raises ``BusyError(busy)`` instead of waiting.
+    The OS releases it when its holder exits, however it exits (works on local file systems and NFS; Lustre
+    needs the ``flock`` mount option)."""
     import fcntl
 
     path = Path(path)
@@ -282,6 +293,8 @@ def file_lock(path: str | os.PathLike, waiting: str = ""):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if busy is not None:
+                raise BusyError(busy) from None
             if waiting:
                 print(waiting, file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
@@ -486,11 +499,9 @@ def run(job: Job, shard: Shard | None = None, device: str | None = None, *, retr
         sd, clip, decoded: models and decoded features already at hand (default: loaded and decoded here).
         log: where the summary lines go.
     Returns ``{"shard": this process' numbers, "overall": summarize(...) of the whole selection}``.
+    Raises :class:`BusyError` when another process holds this shard of the folder.
     """
-    import torch
-
     from mdlib.pipeline import subject_rows
-    from mdlib.sampler import image_seed
 
     shard = shard or shard_from_env()
     if sd is None:
@@ -502,6 +513,21 @@ def run(job: Job, shard: Shard | None = None, device: str | None = None, *, retr
     folder = open_run(job.folder, settings)
     mine = shard.take(ids)
     rows = subject_rows(decoded, mine)
+    # One process per shard and folder: a second one (say, started without RANK/WORLD_SIZE beside the first)
+    # would redo every image of the same shard; it stops here, saying why.
+    busy = (f"another process is already reconstructing shard {shard.rank} of {shard.world} in {folder}. To share "
+            "the images among processes give each its own rank (torchrun, accelerate launch or a SLURM array set "
+            "RANK/WORLD_SIZE; or --rank/--world-size); to run this one anyway, use another --out")
+    with file_lock(folder / ".locks" / f"shard{shard.rank}of{shard.world}.lock", busy=busy):
+        return _run_shard(job, shard, folder, settings, ids, mine, rows, sd, clip, decoded, retry_failed, progress,
+                          log)
+
+
+def _run_shard(job, shard, folder, settings, ids, mine, rows, sd, clip, decoded, retry_failed, progress, log) -> dict:
+    """The loop of :func:`run` over this process' images, under its shard's lock."""
+    import torch
+
+    from mdlib.sampler import image_seed
 
     def pending(nsd_id) -> bool:
         rec = read_record(folder, nsd_id)
@@ -824,5 +850,12 @@ def main(args: argparse.Namespace) -> int:
         decoded = decode(job, sd, clip, device=sd.device, progress=progress, shard=shard)
         print(f"decoded subject {job.subject}: {decoded}")
         return 0
-    run(job, shard, args.device, retry_failed=args.retry_failed, progress=progress)
-    return 0   # failed images are in their records and the summary; an exit code would make torchrun stop the others
+    out = run(job, shard, args.device, retry_failed=args.retry_failed, progress=progress)
+    mine = out["shard"]
+    if mine["failed_now"] and not mine["done_now"]:
+        # Every image this process tried failed: a setting or the machine, not one image. (A few failures among
+        # successes exit 0: they are in the records, and a non-zero code would make torchrun stop the others.)
+        print(f"rank {shard.rank}: all {mine['failed_now']} images tried failed; the records say why "
+              f"(mdlib reconstruct ... --status), e.g. {job.folder}", file=sys.stderr)
+        return 1
+    return 0

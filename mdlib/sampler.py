@@ -30,6 +30,7 @@ on the CPU, so an image's result does not depend on its batch or the device: fir
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -69,8 +70,10 @@ class SamplerConfig:
             raise ValueError(f"noise_index must be in 0..{self.num_steps - 1}, got {self.noise_index}")
         if not 1 <= self.denoise_steps <= self.num_steps:
             raise ValueError(f"denoise_steps must be in 1..{self.num_steps}, got {self.denoise_steps}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta}")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale}")
 
     @classmethod
     def from_strength(cls, strength: float, num_steps: int = 50, **kw) -> SamplerConfig:

@@ -423,6 +423,8 @@ class FastConfig:
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale}")
         if self.start < 0 or (self.stop is not None and self.stop < self.start):
             raise ValueError(f"need 0 <= start <= stop, got start={self.start}, stop={self.stop}")
 

@@ -326,7 +326,8 @@ def test_image_selection_and_settings_guard(tmp_path, capsys):
     assert reconstruct.select_images(ids, "1..3").tolist() == [3, 7]
     assert reconstruct.select_images(ids, "..2").tolist() == [1, 3]
     assert reconstruct.select_images(ids, "2..").tolist() == [7, 9]
-    assert reconstruct.select_images(ids, "0..100").tolist() == [1, 3, 7, 9]
+    with pytest.raises(ValueError, match=r"reaches position 100, but there are 4 test images .* use 0..4 or 0.."):
+        reconstruct.select_images(ids, "0..100")                  # never clamped in silence
     for bad in ("4..5", "2..2", "first", "1-3"):
         with pytest.raises(ValueError):
             reconstruct.select_images(ids, bad)
@@ -352,3 +353,51 @@ def test_image_selection_and_settings_guard(tmp_path, capsys):
     assert dict(job.config.changes)["fresh_noise"] == "override" and job.config.decoder == "fastl2lir"
     assert cli.main(["reconstruct", "--subject", "1", "--stage", "1", "--mode", "fast"]) == 1
     assert "--mode is for stage 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--lr", "-1", "need lr > 0"), ("--lr", "nan", "need lr > 0"),
+    ("--guidance-scale", "nan", "guidance_scale must be a finite number"),
+    ("--device", "cuda", "no CUDA GPU is visible"),
+])
+def test_bad_settings_stop_before_any_work(mini_root, tmp_path, capsys, option, value, message):
+    """A setting that cannot work is refused at once, with exit status 1 and the reason, before any model is
+    loaded or any image sampled; nothing is written."""
+    import torch
+
+    if option == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    assert cli.main(_args(mini_root, out, "--stage", "2", option, value)) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_second_process_on_the_same_shard_stops_with_the_fix(mini_root, tmp_path, capsys):
+    """Two processes started without RANK on one --out: the second finds the shard's lock held and stops."""
+    import fcntl
+
+    job = reconstruct.Job(subject=1, stage=1, out=tmp_path, data_root=mini_root, preset="mini", images="0..2",
+                          config=method.configure("mdlib", "mini", **_short_sampler().as_dict()))
+    sd, _ = reconstruct.load_models(job, "cpu")
+    decoded = reconstruct.decode(job, sd, None, device="cpu", progress=False)
+    lock = job.folder / ".locks" / "shard0of1.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a+") as held:                                # the first process, still running
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(reconstruct.BusyError, match="already reconstructing shard 0 of 1.*RANK/WORLD_SIZE"):
+            reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lambda line: None)
+    assert not [p for p in job.folder.iterdir() if p.name.isdigit()]   # it did no image
+    out = reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lambda line: None)
+    assert out["shard"]["done_now"] == 2                          # once the first is gone, it runs
+
+
+def test_exit_status_is_1_when_every_image_tried_failed(mini_root, tmp_path, capsys, monkeypatch):
+    from mdlib import stage1
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a setting that breaks every image")
+
+    monkeypatch.setattr(stage1, "reconstruct", broken)
+    assert cli.main(_args(mini_root, tmp_path, "--stage", "1", "--images", "0..2")) == 1
+    assert "all 2 images tried failed" in capsys.readouterr().err
