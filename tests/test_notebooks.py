@@ -527,3 +527,20 @@ def test_a_failing_lesson_names_the_notebook_and_cell(tmp_path, monkeypatch, min
     with pytest.raises(course.CourseError, match=failing):
         course.run_course("mini", data_root=mini_root, out=tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "01_broken.ipynb").is_file()
+
+
+def test_executed_lessons_have_clean_outputs(lesson06_run):
+    """What `make demo` leaves for a learner to read: no error, nothing on stderr (no progress bars, no warnings a
+    learner cannot act on), no bare reprs of paths or JSON objects."""
+    out, _ = lesson06_run
+    executed = sorted(out.glob("[0-9][0-9]_*.ipynb"))
+    assert [p.name[:2] for p in executed] == ["01", "02", "03", "04", "05", "06"]
+    for path in executed:
+        nb = json.loads(path.read_text())
+        for k, cell in enumerate(nb["cells"]):
+            for o in cell.get("outputs", []):
+                where = f"{path.name} cell {k}"
+                assert o["output_type"] != "error", where
+                assert not (o["output_type"] == "stream" and o["name"] == "stderr"), (where, "".join(o["text"])[:300])
+                text = "".join(o.get("data", {}).get("text/plain", ""))
+                assert not text.startswith(("PosixPath(", "<IPython.core.display.JSON")), (where, text[:100])
