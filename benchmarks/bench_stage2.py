@@ -220,7 +220,7 @@ def part_modes(args, cfg) -> None:
     rows = list(range(len(seeds)))
 
     t0 = time.perf_counter()
-    s1 = stage1.reconstruct(sd, z, c, seeds, progress=False)
+    s1 = stage1.img2img(sd, z, c, seeds, progress=False)
     s1_wall = time.perf_counter() - t0
     base = stage2.score_latents(sd, clip, targets, s1.latents)
     table = [dict(mode="stage 1 (no control)", loss=float(base.mean()), backward=0, wall=s1_wall, peak=float("nan"),
@@ -282,7 +282,7 @@ def part_lr(args, cfg) -> None:
 
     sd, clip, z, c, targets, seeds, scores = mini_inputs(args, cfg["lr_images"], "tiny-trained")
     iters = cfg["lr_iterations"]
-    s1 = stage1.reconstruct(sd, z, c, seeds, progress=False)
+    s1 = stage1.img2img(sd, z, c, seeds, progress=False)
     rows = [("stage 1", *scores(s1.images), float(stage2.score_latents(sd, clip, targets, s1.latents).mean()), "")]
     fast = stage2.guide_fast(sd, clip, z, c, targets, seeds, progress=False, config=stage2.FastConfig(scale=4.0))
     rows.append(("fast, scale 4 (one pass)", *scores(fast.images), float(fast.loss[-1].mean()), ""))
@@ -327,8 +327,8 @@ def part_layout(args, cfg) -> None:
 
     table = [row("another test image (chance)", others),
              row("stage 1, true (z, c) (the img2img ceiling)",
-                 stage1.reconstruct(sd, dec.true["z"][rows], dec.true["c"][rows], seeds, progress=False).images),
-             row("stage 1, decoded (z, c)", stage1.reconstruct(sd, z, c, seeds, progress=False).images)]
+                 stage1.img2img(sd, dec.true["z"][rows], dec.true["c"][rows], seeds, progress=False).images),
+             row("stage 1, decoded (z, c)", stage1.img2img(sd, z, c, seeds, progress=False).images)]
     for use, label in (("pred", "decoded features"), ("true", "the stimuli's own features (oracle)")):
         print(f"  published, {label}, {iters} iterations ...", file=sys.stderr, flush=True)
         targets = stage2.FeatureTargets.from_decoded(dec, rows, device=sd.device, use=use)
@@ -366,7 +366,7 @@ def part_landscape(args, cfg) -> None:
         return (name, oracle_loss(images), float(metrics.pixcorr(images, stim)), *_placement_errors(images, stim))
 
     alphas = np.linspace(0.0, 1.0, cfg["landscape_alphas"])
-    path = [stage1.reconstruct(sd, (1.0 - a) * z + a * z_true, c, seeds, progress=False).images for a in alphas]
+    path = [stage1.img2img(sd, (1.0 - a) * z + a * z_true, c, seeds, progress=False).images for a in alphas]
     table = [row(f"stage 1 from z({a:.1f})", images) for a, images in zip(alphas, path)]
     start = path[0]  # stage 1 from the decoded z: where the pixel optimisation below begins
     split = {"stage 1 from z(0.0) (decoded)": start, "stage 1 from z(1.0) (true z)": path[-1]}
@@ -518,7 +518,7 @@ def part_variants(args, cfg) -> None:
         try:
             print(f"  variant {variant}: stage 1 ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            s1 = stage1.reconstruct(sd, z, c, seeds, config=smp, progress=False)
+            s1 = stage1.img2img(sd, z, c, seeds, config=smp, progress=False)
             s1_wall = time.perf_counter() - t0
             own = float(stage2.score_images(clip, targets, s1.images).mean())
             s1_row = (variant, "stage 1", *scores(s1.images, own, None, None, smp.unet_evaluations(1), 0, s1_wall,
@@ -530,7 +530,7 @@ def part_variants(args, cfg) -> None:
             name = f"stage 1, iteration {iters}'s noise (z unchanged)"
             try:
                 t0 = time.perf_counter()
-                last = stage1.reconstruct(sd, z, c, [s + iters * 7919 for s in seeds], config=smp, progress=False)
+                last = stage1.img2img(sd, z, c, [s + iters * 7919 for s in seeds], config=smp, progress=False)
                 wall = time.perf_counter() - t0
                 own = float(stage2.score_images(clip, targets, last.images).mean())
                 noise_row = (variant, name, *scores(last.images, own, None, None, smp.unet_evaluations(1), 0, wall,

@@ -1,7 +1,7 @@
 """The whole method for one subject and a set of test images, under each of the paper's conditions (lesson 06).
 
 :func:`reconstruct_condition` chains what lessons 03-05 teach: decode the subject's features
-(:func:`mdlib.decoding.decode_features`, cached), run stage 1 (:func:`mdlib.stage1.reconstruct`, resumable)
+(:func:`mdlib.decoding.decode_features`, cached), run stage 1 (:func:`mdlib.stage1.img2img`, resumable)
 and, for the stage-2 conditions, the guidance (:mod:`mdlib.stage2`, the published mode resumable too). The
 conditions are the paper's ablations (its Table 2) plus a ceiling and our fast mode:
 
@@ -122,7 +122,7 @@ def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[i
             cfg = SamplerConfig.text_to_image(s.num_steps, guidance_scale=s.guidance_scale, eta=s.eta)
             z = None
         folder = Path(stage1_dir) / STAGE1_FOLDERS[condition] / stage1.run_tag(sd, cfg)
-        out = stage1.reconstruct(sd, z, c, seeds, config=cfg, batch_size=bs, out_dir=folder, names=names,
+        out = stage1.img2img(sd, z, c, seeds, config=cfg, batch_size=bs, out_dir=folder, names=names,
                                  progress=progress)
         return Reconstruction(condition, subject, ids, out.images, folder, nan, {})
 

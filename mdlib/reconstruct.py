@@ -423,7 +423,7 @@ def reconstruct_image(job: Job, sd, clip, decoded, row: int, seed: int, state_di
     _check_finite("decoded z", z)
     _check_finite("decoded c", c)
     if job.stage == 1:
-        out = stage1.reconstruct(sd, z, c, [seed], config=cfg.sampler, batch_size=1, progress=False)
+        out = stage1.img2img(sd, z, c, [seed], config=cfg.sampler, batch_size=1, progress=False)
         arrays = {"latents": out.latents[0], "z": np.asarray(z[0], dtype=np.float32),
                   "loss": np.zeros(0, dtype=np.float32)}
         cost = {"unet_passes": cfg.sampler.unet_evaluations(1), "unet_backward": 0,

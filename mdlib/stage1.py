@@ -5,7 +5,7 @@ noised to DDIM timestep 741 and denoised for 35 steps (681 ... 1) with classifie
 the empty prompt (:mod:`mdlib.sampler`), then the VAE decodes the result. The paper's "without z" ablation
 starts from pure noise instead (``z=None``: all 50 steps).
 
-:func:`reconstruct` runs it in batches with per-image seeds (an image's result never depends on its batch)
+:func:`img2img` runs it in batches with per-image seeds (an image's result never depends on its batch)
 and, given ``out_dir``, saves every image as it is done (``<name>.png`` plus ``<name>.npz`` with its latent
 and a hash of its inputs), so an interrupted run resumes where it stopped and a changed input is recomputed.
 """
@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Stage1Output:
-    """Results of :func:`reconstruct`.
+    """Results of :func:`img2img`.
 
     Attributes:
         images: (n, S, S, 3) uint8 reconstructions (S = the model's image size: 512 real, 64 tiny).
@@ -64,7 +64,7 @@ def unconditional(sd: SDModels, n_tokens: int) -> torch.Tensor:
     return features.prompt_embeddings(sd, [""], n_tokens=n_tokens)
 
 
-def reconstruct(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConfig | None = None,
+def img2img(sd: SDModels, z, c, seeds: Sequence[int], *, config: SamplerConfig | None = None,
                 c_includes_bos: bool = False, batch_size: int = 8, out_dir: str | os.PathLike | None = None,
                 names: Sequence[str] | None = None, progress: bool = True) -> Stage1Output:
     """Stage 1 images from (z, c) (lesson 04).

@@ -508,7 +508,7 @@ def quality(folder: str | os.PathLike, n_heldout: int = 512, n_samples: int = 64
         rank = (sims > sims.diag()[:, None]).sum(1)                  # captions scoring above the image's own
         prompts = first[:n_samples]
         cond = features.prompt_embeddings(sd, prompts, n_tokens=n_tokens)
-        samples = stage1.reconstruct(sd, None, cond, list(range(n_samples)), c_includes_bos=True,
+        samples = stage1.img2img(sd, None, cond, list(range(n_samples)), c_includes_bos=True,
                                      config=SamplerConfig.text_to_image(50), progress=progress).images
         s_sims = embed_images(samples) @ text[:n_samples].T
         r_sims = sims[:n_samples, :n_samples]

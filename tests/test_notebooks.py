@@ -247,7 +247,7 @@ def test_lesson_04_runs_the_published_sampler_on_the_decoded_features(course_run
     dec = decoding.decode_features(mini_root, SUBJECT, sd, families=["z", "c"], posterior="mean", progress=False)
     assert list(dec.nsd_ids) == r["nsd_ids"]
     k = [0, len(dec.nsd_ids) - 1]
-    again = stage1.reconstruct(sd, dec.pred["z"][k], dec.pred["c"][k], [image_seed(dec.nsd_ids[i]) for i in k],
+    again = stage1.img2img(sd, dec.pred["z"][k], dec.pred["c"][k], [image_seed(dec.nsd_ids[i]) for i in k],
                                progress=False)
     assert Path(r["image_dirs"]["decoded (z, c)"]).name == stage1.run_tag(sd, again.config)
     saved = _read_pngs(Path(r["image_dirs"]["decoded (z, c)"]), dec.nsd_ids[k])

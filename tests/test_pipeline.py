@@ -48,7 +48,7 @@ def test_stage1_conditions_are_stage1_on_the_right_inputs(condition, decoded, sd
     src = decoded.true if condition == "true (z, c)" else decoded.pred
     z = None if condition == "without z" else src["z"][rows]
     cfg = SamplerConfig.text_to_image(10) if condition == "without z" else SHORT
-    ref = stage1.reconstruct(sd, z, src["c"][rows], [image_seed(i) for i in ids], config=cfg, progress=False)
+    ref = stage1.img2img(sd, z, src["c"][rows], [image_seed(i) for i in ids], config=cfg, progress=False)
     np.testing.assert_array_equal(out.images, ref.images)
     np.testing.assert_array_equal(out.nsd_ids, ids)
     np.testing.assert_array_equal(_read(out.image_dir, ids), out.images)

@@ -189,7 +189,7 @@ def test_a_failed_image_is_recorded_and_the_others_complete(mini_root, tmp_path,
     ids = list(decoded.nsd_ids[:4])
     decoded.pred["z"] = decoded.pred["z"].copy()
     decoded.pred["z"][1, 0, 2, 3] = np.nan                          # the second image's input
-    real = stage1.reconstruct
+    real = stage1.img2img
 
     def nan_latents_for_the_fourth(sd_, z, c, seeds, **kw):
         out = real(sd_, z, c, seeds, **kw)
@@ -197,7 +197,7 @@ def test_a_failed_image_is_recorded_and_the_others_complete(mini_root, tmp_path,
             out.latents[:] = np.nan
         return out
 
-    monkeypatch.setattr(stage1, "reconstruct", nan_latents_for_the_fourth)
+    monkeypatch.setattr(stage1, "img2img", nan_latents_for_the_fourth)
     lines = []
     out = reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lines.append)
     folder = job.folder
@@ -218,7 +218,7 @@ def test_a_failed_image_is_recorded_and_the_others_complete(mini_root, tmp_path,
     # A rerun leaves the finished images alone, failed ones included; --retry-failed tries those again.
     again = reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lines.append)
     assert again["shard"]["skipped"] == 4 and again["shard"]["done_now"] == again["shard"]["failed_now"] == 0
-    monkeypatch.setattr(stage1, "reconstruct", real)
+    monkeypatch.setattr(stage1, "img2img", real)
     retried = reconstruct.run(job, Shard(), sd=sd, decoded=decoded, progress=False, log=lines.append,
                               retry_failed=True)
     assert retried["shard"]["done_now"] == 1 and retried["shard"]["failed_now"] == 1
@@ -398,6 +398,6 @@ def test_exit_status_is_1_when_every_image_tried_failed(mini_root, tmp_path, cap
     def broken(*args, **kwargs):
         raise RuntimeError("a setting that breaks every image")
 
-    monkeypatch.setattr(stage1, "reconstruct", broken)
+    monkeypatch.setattr(stage1, "img2img", broken)
     assert cli.main(_args(mini_root, tmp_path, "--stage", "1", "--images", "0..2")) == 1
     assert "all 2 images tried failed" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_with_bos_and_unconditional(sd):
 def test_reconstruct_is_sampler_then_vae(sd):
     z, c_tail = _inputs(sd)
     seeds = [image_seed(i) for i in (3, 4, 5)]
-    out = stage1.reconstruct(sd, z, c_tail, seeds, config=QUICK, progress=False)
+    out = stage1.img2img(sd, z, c_tail, seeds, config=QUICK, progress=False)
     s = DDIMSampler(sd.unet, sd.scheduler, QUICK)
     with torch.no_grad():
         lat = s.sample(z, stage1.with_bos(sd, c_tail), stage1.unconditional(sd, 15), generators(seeds))
@@ -48,12 +48,12 @@ def test_reconstruct_is_sampler_then_vae(sd):
 def test_batches_and_published_default(sd):
     z, c_tail = _inputs(sd, n=3, seed=1)
     seeds = [11, 12, 13]
-    one = stage1.reconstruct(sd, z, c_tail, seeds, batch_size=1, progress=False)
-    three = stage1.reconstruct(sd, z, c_tail, seeds, batch_size=3, progress=False)
+    one = stage1.img2img(sd, z, c_tail, seeds, batch_size=1, progress=False)
+    three = stage1.img2img(sd, z, c_tail, seeds, batch_size=3, progress=False)
     assert one.config == SamplerConfig()                     # the published sampler is the default
     np.testing.assert_allclose(one.latents, three.latents, rtol=1e-4, atol=1e-4)
     assert np.abs(one.images.astype(int) - three.images.astype(int)).max() <= 1
-    without_z = stage1.reconstruct(sd, None, c_tail, seeds, batch_size=3, progress=False)
+    without_z = stage1.img2img(sd, None, c_tail, seeds, batch_size=3, progress=False)
     assert without_z.config == SamplerConfig.text_to_image()
     assert not np.allclose(without_z.latents, three.latents)
 
@@ -61,9 +61,9 @@ def test_batches_and_published_default(sd):
 def test_run_folder_resumes_and_refuses_other_settings(sd, tmp_path):
     z, c_tail = _inputs(sd, n=4, seed=2)
     names = ["100", "101", "102", "103"]
-    first = stage1.reconstruct(sd, z, c_tail, range(4), config=QUICK, out_dir=tmp_path, names=names, progress=False)
+    first = stage1.img2img(sd, z, c_tail, range(4), config=QUICK, out_dir=tmp_path, names=names, progress=False)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"{n}.png" for n in names]
-    again = stage1.reconstruct(sd, z, c_tail, range(4), config=QUICK, out_dir=tmp_path, names=names, progress=False)
+    again = stage1.img2img(sd, z, c_tail, range(4), config=QUICK, out_dir=tmp_path, names=names, progress=False)
     assert not again.computed.any()
     np.testing.assert_array_equal(again.images, first.images)
     np.testing.assert_array_equal(again.latents, first.latents)
@@ -71,24 +71,24 @@ def test_run_folder_resumes_and_refuses_other_settings(sd, tmp_path):
     c2 = c_tail.clone()
     c2[1] += 1.0
     (tmp_path / "102.png").write_bytes((tmp_path / "102.png").read_bytes()[:20])
-    third = stage1.reconstruct(sd, z, c2, range(4), config=QUICK, out_dir=tmp_path, names=names, progress=False)
+    third = stage1.img2img(sd, z, c2, range(4), config=QUICK, out_dir=tmp_path, names=names, progress=False)
     assert third.computed.tolist() == [False, True, True, False]
     np.testing.assert_array_equal(third.images[2], first.images[2])
     assert not np.array_equal(third.latents[1], first.latents[1])
     with pytest.raises(ValueError, match=str(tmp_path.name) + ".*config differ"):
-        stage1.reconstruct(sd, z, c_tail, range(4), out_dir=tmp_path, names=names, progress=False)
+        stage1.img2img(sd, z, c_tail, range(4), out_dir=tmp_path, names=names, progress=False)
 
 
 def test_errors(sd):
     z, c_tail = _inputs(sd)
     with pytest.raises(ValueError, match="3 embeddings"):
-        stage1.reconstruct(sd, z[:2], c_tail, range(3), progress=False)
+        stage1.img2img(sd, z[:2], c_tail, range(3), progress=False)
     with pytest.raises(ValueError, match="z must be"):
-        stage1.reconstruct(sd, torch.zeros(3, 4, 8, 8), c_tail, range(3), progress=False)
+        stage1.img2img(sd, torch.zeros(3, 4, 8, 8), c_tail, range(3), progress=False)
     with pytest.raises(ValueError, match="seeds"):
-        stage1.reconstruct(sd, z, c_tail, range(2), progress=False)
+        stage1.img2img(sd, z, c_tail, range(2), progress=False)
     with pytest.raises(ValueError, match="c must be"):
-        stage1.reconstruct(sd, z, c_tail[..., :5], range(3), progress=False)
+        stage1.img2img(sd, z, c_tail[..., :5], range(3), progress=False)
 
 
 def test_run_tag_tells_settings_and_models_apart(sd, tiny_dir):

@@ -153,7 +153,7 @@ def test_published_mode_lowers_the_loss_and_updates_what_it_is_told(sd, clip):
     # row 0 is stage 1's image: the same loss as scoring stage 1's latents
     from mdlib import stage1
 
-    s1 = stage1.reconstruct(sd, z, c, [5, 6], config=SHORT, progress=False)
+    s1 = stage1.img2img(sd, z, c, [5, 6], config=SHORT, progress=False)
     np.testing.assert_allclose(out.loss[0], stage2.score_latents(sd, clip, targets, s1.latents), rtol=1e-4)
     np.testing.assert_array_equal(out.snapshots[0], s1.images)
     only_c = stage2.guide_published(sd, clip, z, c, targets, [5, 6], sampler_config=SHORT, progress=False,
@@ -166,7 +166,7 @@ def test_fast_mode_lowers_the_loss_with_one_pass(sd, clip):
     z, c, targets = _problem(sd, clip, seed=1)
     from mdlib import stage1
 
-    s1 = stage1.reconstruct(sd, z, c, [5, 6], config=SHORT, progress=False)
+    s1 = stage1.img2img(sd, z, c, [5, 6], config=SHORT, progress=False)
     before = stage2.score_latents(sd, clip, targets, s1.latents)
     for through_unet in (True, False):
         out = stage2.guide_fast(sd, clip, z, c, targets, [5, 6], sampler_config=SHORT, progress=False,
