@@ -75,7 +75,7 @@ def header_text(protocol: str, sources: Mapping[str, str], left_out: Iterable[st
     left_out = list(left_out)
     if left_out:
         lines.append(f"LEFT OUT: {', '.join(left_out)} (no pretrained weights on this machine: {FETCH_HINT}).")
-    named = [label for label in (labels or {}).values()]
+    named = list((labels or {}).values())
     if named:
         lines.append(f"{' and '.join(named)}: a substitute for CLIP ViT-L/14 (below) computed these columns; "
                      "they compare rows of this table, never published CLIP numbers.")
@@ -205,8 +205,8 @@ def table(reports: Mapping[str, Report], view: str = "eight"):
     labels = {k: v for r in reports.values() for k, v in r.labels.items() if k in cols}
     df = pd.DataFrame([{"images": r.n_images, **{c: r.values.get(c, math.nan) for c in cols}}
                        for r in reports.values()], index=list(reports))
-    df.attrs.update(header=header_text(protos.pop(), sources, left_out, labels),
-                    protocol=next(iter(reports.values())).protocol, labels=labels)
+    protocol = protos.pop()
+    df.attrs.update(header=header_text(protocol, sources, left_out, labels), protocol=protocol, labels=labels)
     return df
 
 

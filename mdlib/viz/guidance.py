@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import matplotlib.pyplot as plt
 import numpy as np
 
+from mdlib.stats import pearson
+
 #: The rows of the method (docs/method.md) that lesson 05 uses, in the order the lesson meets them.
 METHOD_ROWS = ("roi", "decoder", "posterior", "n_tokens", "clip_normalization", "clip_resize_stimuli", "keep",
                "select_by", "loss", "cos_weight", "loss_clip_weight", "clip_resize_generated", "clamp_generated",
@@ -70,12 +72,6 @@ def _array(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _rowwise_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(1, keepdims=True)
-    b = b - b.mean(1, keepdims=True)
-    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
-
-
 def mirror_table(feats: Mapping[str, np.ndarray], mirrored: Mapping[str, np.ndarray]):
     """How much a scene's features change when it is mirrored left-right, against another scene.
 
@@ -94,7 +90,7 @@ def mirror_table(feats: Mapping[str, np.ndarray], mirrored: Mapping[str, np.ndar
     for name in feats:
         a = _array(feats[name]).reshape(len(feats[name]), -1)
         m = _array(mirrored[name]).reshape(len(a), -1)
-        r_m, r_o = float(np.mean(_rowwise_r(a, m))), float(np.mean(_rowwise_r(a, np.roll(a, -1, axis=0))))
+        r_m, r_o = float(np.mean(pearson(a, m, axis=1))), float(np.mean(pearson(a, np.roll(a, -1, axis=0), axis=1)))
         rows[name] = {"mirrored": r_m, "another image": r_o, "position share": (1 - r_m) / (1 - r_o)}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("features")
 
