@@ -75,7 +75,6 @@ ADVANCED: Mapping[str, Mapping[str, Setting]] = MappingProxyType({
         eval_weights=("auto", "'auto': networks whose pretrained files are here, the others left out; "
                       "'pretrained' downloads them"),
         eval_batch_size=(16, "images per forward pass of the evaluation networks"),
-        device=("", "where the models run; empty: CUDA when available, else the CPU"),
         runs_root=("", "where lessons 04/05's folders are (stage1|stage2/<preset>_<variant>_subjNN); "
                    "empty: $MDLIB_DATA/runs"),
         dtype=("", "the models' dtype; empty: float32"),

@@ -68,7 +68,9 @@ def test_parameters_cells_stay_small_and_cells_short():
         tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, path.name
         names = _assignments(tagged[0])
-        assert len([n for n in names if n != "ADVANCED"]) <= 10, (path.name, names)
+        # About 8 settings a learner changes; lesson 06 has 11 (its subjects, protocol and DEVICE, which `mdlib
+        # course -p DEVICE=...` must reach in every lesson that runs models).
+        assert len([n for n in names if n != "ADVANCED"]) <= 11, (path.name, names)
         code = [c for c in nb["cells"] if c["cell_type"] == "code" and c is not tagged[0]]
         lines = [len([line for line in _source(c).splitlines() if line.strip()]) for c in code]
         assert statistics.median(lines) <= 7, (path.name, sorted(lines))
