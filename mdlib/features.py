@@ -39,7 +39,7 @@ from mdlib import paths
 from mdlib.cachekey import cache_key
 from mdlib.models import ClipVision, SDModels, normalization_stats
 from mdlib.nsd import layout
-from mdlib.nsd.stimuli import StimulusReader, load_captions, load_stim_info
+from mdlib.nsd.stimuli import StimulusReader, caption_file, load_captions, load_stim_info
 from mdlib.progress import bar as progress_bar
 from mdlib.record import write_json_atomic
 
@@ -397,8 +397,9 @@ def extract_targets(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.nd
 
 
 def _present_caption_files(root: Path) -> list:
-    found = [layout.coco_captions(split) for split in ("train2017", "val2017")]
-    return [rel for rel in found if (root / rel).is_file()]
+    """The caption files :func:`load_captions` reads (either place it looks), so the cache key follows them."""
+    found = [caption_file(root, split) for split in ("train2017", "val2017")]
+    return [rel for rel in found if rel is not None]
 
 
 def _file_stamp(root: Path, rel: Any) -> list:

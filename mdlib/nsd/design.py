@@ -21,6 +21,11 @@ file. Every size is read from the file: the same code reads the real NSD (30,000
 Session selections (``sessions=`` below) are ``None`` (every session the subject completed) or an iterable
 of 1-based session numbers: ``range(1, 38)`` is sessions 1..37, the reconstruction papers' setting.
 
+The design file does not say how many sessions each subject completed (NSD: 40, 40, 32, 30, 40, 32, 40, 30).
+:meth:`Design.completed_sessions` reads it from the subject's behavioural record, ``responses.tsv`` (one row per
+trial the subject did; :func:`load_responses`), when the data root has it, and otherwise scales NSD's counts
+to the design's number of sessions, the rule mini-NSD is written with (docs/data.md, "Sessions completed").
+
 Taught in ``notebooks/01_nsd_data.ipynb``.
 """
 
@@ -40,6 +45,13 @@ from mdlib.nsd import layout
 #: The columns of :meth:`Design.trials`, in order.
 TRIAL_COLUMNS = ("trial", "session", "volume", "image_index", "nsd_id", "shared", "repeat")
 
+#: The columns of NSD's ``responses.tsv``, in the file's order (docs/data.md, "Behaviour: responses.tsv").
+RESPONSE_COLUMNS = ("SUBJECT", "SESSION", "RUN", "TRIAL", "73KID", "10KID", "TIME", "ISOLD", "ISCORRECT", "RT",
+                    "CHANGEMIND", "MEMORYRECENT", "MEMORYFIRST", "ISOLDCURRENT", "ISCORRECTCURRENT", "TOTAL1",
+                    "TOTAL2", "BUTTON", "MISSINGDATA")
+#: Columns of ``responses.tsv`` that are never empty and hold whole numbers.
+_WHOLE_RESPONSE_COLUMNS = ("SUBJECT", "SESSION", "RUN", "TRIAL", "73KID", "10KID")
+
 _N_SUBJECTS = len(layout.ALL_SUBJECTS)
 
 
@@ -53,6 +65,8 @@ class Design:
         sharedix: (n_shared,) int; 1-based nsdIds of the shared images.
         trials_per_session: (n_sessions,) int; the number of trials in each session (750 in NSD).
         source: the file it was read from (used in error messages), or None.
+        data_root: the data root it was read from (where :meth:`completed_sessions` looks for each subject's
+            ``responses.tsv``), or None.
     """
 
     masterordering: np.ndarray
@@ -60,7 +74,9 @@ class Design:
     sharedix: np.ndarray
     trials_per_session: np.ndarray
     source: Path | None = None
+    data_root: Path | None = None
     _repeat: np.ndarray = field(init=False, repr=False)
+    _completed: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.masterordering = np.asarray(self.masterordering, dtype=np.int64).ravel()
@@ -95,9 +111,46 @@ class Design:
         return np.concatenate([[0], np.cumsum(self.trials_per_session)[:-1]])
 
     def completed_sessions(self, subject: int) -> int:
-        """How many sessions ``subject`` (1..8) completed: NSD's count (40, 32 or 30), capped by the design."""
+        """How many sessions ``subject`` (1..8) completed (they are sessions 1..that number).
+
+        The subject's ``responses.tsv`` under :attr:`data_root`, when present, is the record: its highest
+        ``SESSION``. Without it, NSD's count (40, 40, 32, 30, 40, 32, 40, 30) scaled to this design's number of
+        sessions (:func:`scaled_sessions_completed`): NSD's own count for NSD's 40-session design, and what
+        mini-NSD writes for its shorter ones. :meth:`completed_sessions_source` says which one applied.
+
+        Raises:
+            ValueError: ``responses.tsv`` is unreadable or lists a session the design does not have.
+        """
+        return self._completed_record(subject)[0]
+
+    def completed_sessions_source(self, subject: int) -> str:
+        """Where :meth:`completed_sessions` took its number from: the ``responses.tsv`` path, or a sentence
+        naming the scaling rule."""
+        return self._completed_record(subject)[1]
+
+    def _completed_record(self, subject: int) -> tuple[int, str]:
         _check_subject(subject)
-        return min(self.n_sessions, layout.NSD_SESSIONS_COMPLETED[int(subject)])
+        subject = int(subject)
+        path = None if self.data_root is None else Path(self.data_root) / str(layout.behav_responses(subject))
+        stamp = None
+        if path is not None and path.is_file():
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._completed.get(subject)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        if stamp is None:
+            found = (scaled_sessions_completed(subject, self.n_sessions),
+                     f"NSD's {layout.NSD_SESSIONS_COMPLETED[subject]} of {_NSD_SESSIONS} sessions scaled to the "
+                     f"design's {self.n_sessions} (no {layout.behav_responses(subject)} under the data root)")
+        else:
+            last = _last_session(path, subject)
+            if last > self.n_sessions:
+                raise ValueError(f"{path}: lists session {last}, but the design ({self.source or 'design'}) has "
+                                 f"{self.n_sessions} sessions; are they from the same dataset?")
+            found = (last, str(path))
+        self._completed[subject] = (stamp, found)
+        return found
 
     # -- the trial table -----------------------------------------------------------------------------
     def trials(self, subject: int, sessions: Iterable[int] | None = None) -> pd.DataFrame:
@@ -168,8 +221,8 @@ class Design:
         if bad.size:
             raise ValueError(
                 f"subject {subject} has sessions 1..{last} (session numbers are 1-based; the design has "
-                f"{self.n_sessions} sessions and NSD's subject {subject} completed "
-                f"{layout.NSD_SESSIONS_COMPLETED[int(subject)]}); got {sorted(set(bad.tolist()))}")
+                f"{self.n_sessions} sessions, and the sessions completed come from "
+                f"{self.completed_sessions_source(subject)}); got {sorted(set(bad.tolist()))}")
         return np.unique(chosen)
 
 
@@ -236,10 +289,75 @@ def load_design(data_root: str | os.PathLike) -> Design:
         sharedix=_as_ints(mat["sharedix"], "sharedix", path).ravel(),
         trials_per_session=_session_lengths(mat, masterordering.size, path),
         source=path,
+        data_root=Path(data_root),
     )
 
 
+def scaled_sessions_completed(subject: int, n_sessions: int) -> int:
+    """NSD's sessions completed by ``subject`` (``layout.NSD_SESSIONS_COMPLETED``) scaled from NSD's 40 to a
+    design of ``n_sessions``: ``max(1, round(n_sessions * count / 40))``. NSD's own count when ``n_sessions`` is
+    40; mini-NSD is written with this rule (12 sessions: 12 for subjects 1, 2, 5, 7, 10 for 3 and 6, 9 for 4
+    and 8)."""
+    _check_subject(subject)
+    return max(1, int(round(int(n_sessions) * layout.NSD_SESSIONS_COMPLETED[int(subject)] / _NSD_SESSIONS)))
+
+
+def load_responses(data_root: str | os.PathLike, subject: int) -> pd.DataFrame:
+    """NSD's behavioural record of ``subject``: ``nsddata/ppdata/subjNN/behav/responses.tsv``.
+
+    One row per stimulus trial the subject did, in presentation order (row k of sessions 1..n is the design's
+    trial k), with NSD's columns as in the file (:data:`RESPONSE_COLUMNS`) and its conventions: ``73KID`` and
+    ``10KID`` are 1-based (``73KID - 1`` is mdlib's nsdId, ``10KID`` the design's ``image_index``), ``SESSION``,
+    ``RUN`` and ``TRIAL`` 1-based, ``TIME`` in days, ``RT`` in ms, ``BUTTON`` 1 (new) or 2 (old), NaN where the
+    subject pressed nothing. docs/data.md, "Behaviour: responses.tsv", describes every column.
+
+    Raises:
+        FileNotFoundError: the file is absent (the message names the NSD path and how to get it).
+        ValueError: it is not NSD's responses.tsv (columns missing, ids not whole numbers, another subject).
+    """
+    _check_subject(subject)
+    path = layout.require(data_root, layout.behav_responses(subject))
+    table = _read_tsv(path)
+    missing = [c for c in RESPONSE_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {list(table.columns)}. This is not NSD's "
+                         f"responses.tsv (tab-separated, a header row) or it was cut short: re-download it")
+    for column in _WHOLE_RESPONSE_COLUMNS:
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(float)
+        if values.size and (not np.all(np.isfinite(values)) or not np.all(values == np.round(values))
+                            or values.min() < 1):
+            raise ValueError(f"{path}: {column} must hold whole numbers >= 1 on every row (1-based, as in NSD)")
+        table[column] = values.astype(np.int64)
+    others = sorted(set(table["SUBJECT"].tolist()) - {int(subject)})
+    if others:
+        raise ValueError(f"{path}: the file of subject {subject} holds rows of subject(s) {others}")
+    return table
+
+
 # -- helpers -----------------------------------------------------------------------------------------------
+_NSD_SESSIONS = max(layout.NSD_SESSIONS_COMPLETED.values())  # NSD's design: 40 sessions
+
+
+def _read_tsv(path: Path, usecols=None) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, sep="\t", usecols=usecols)
+    except ValueError as err:  # includes EmptyDataError, ParserError and "usecols do not match columns"
+        raise ValueError(f"{path}: cannot read it as NSD's responses.tsv (tab-separated, a header row; "
+                         f"re-download it): {type(err).__name__}: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text file ({err}); re-download it") from err
+
+
+def _last_session(path: Path, subject: int) -> int:
+    """The highest SESSION in a responses.tsv (only that column is read)."""
+    sessions = pd.to_numeric(_read_tsv(path, usecols=["SESSION"])["SESSION"], errors="coerce").to_numpy(float)
+    if sessions.size == 0 or not np.all(np.isfinite(sessions)) or not np.all(sessions == np.round(sessions)) \
+            or sessions.min() < 1:
+        raise ValueError(f"{path}: SESSION must hold 1-based session numbers on every row (subject {subject}'s "
+                         "record of the sessions completed); re-download it")
+    return int(sessions.max())
+
+
 def _loadmat(path: Path) -> dict:
     try:
         return scipy.io.loadmat(str(path))

@@ -147,6 +147,16 @@ def roi_ctab(subject: int, atlas: str) -> PurePosixPath:
     return _P(f"nsddata/freesurfer/{subj(subject)}/label/{atlas}.mgz.ctab")
 
 
+def fsaverage_roi_ctab(atlas: str) -> PurePosixPath:
+    """The same label table in NSD's fsaverage folder (where nsd_access reads it): text lines ``N name``."""
+    return _P(f"nsddata/freesurfer/fsaverage/label/{atlas}.mgz.ctab")
+
+
+def behav_responses(subject: int) -> PurePosixPath:
+    """NSD's per-trial behaviour of a subject: ``responses.tsv``, tab-separated, one row per stimulus trial."""
+    return _P(f"nsddata/ppdata/{subj(subject)}/behav/responses.tsv")
+
+
 def anatomy_file(subject: int, name: str = "T1_to_func1pt8mm", space: str = DEFAULT_SPACE) -> PurePosixPath:
     """Anatomy on the betas' grid: ``T1_to_func1pt8mm``, ``mean`` or ``brainmask``."""
     return ppdata_dir(subject, space) / f"{name}.nii.gz"
@@ -157,6 +167,14 @@ def coco_captions(split: str) -> PurePosixPath:
     if split not in ("train2017", "val2017"):
         raise ValueError(f"COCO split must be 'train2017' or 'val2017', got {split!r}")
     return _P(f"coco/annotations/captions_{split}.json")
+
+
+def nsd_coco_captions(split: str) -> PurePosixPath:
+    """The same COCO caption file where nsd_access and many community trees keep it, beside the stimuli
+    (not in the NSD bucket either); :func:`mdlib.nsd.stimuli.load_captions` reads it when
+    :func:`coco_captions` is absent."""
+    coco_captions(split)  # checks the split
+    return _P(f"nsddata_stimuli/stimuli/nsd/annotations/captions_{split}.json")
 
 
 #: Where each file comes from, for error messages that say how to get a missing file.

@@ -20,6 +20,10 @@ ROI choices (:func:`roi_mask`):
 - an atlas name (``"prf-visualrois"``, ``"Kastner2015"``, ``"streams"``, ...): every labelled voxel (> 0).
 - ``"atlas:name1,name2"`` (e.g. ``"prf-visualrois:V1v,V1d"``): the voxels of those labels, by ctab name.
 
+Label names (:func:`roi_labels`) come from the atlas' ``.mgz.ctab`` file: the subject's
+(``nsddata/freesurfer/subjNN/label/``), else fsaverage's (``nsddata/freesurfer/fsaverage/label/``), else, for
+the four atlases mdlib reads, NSD's names built in here (:data:`NSD_LABEL_NAMES`).
+
 Taught in ``notebooks/02_voxels_nilearn.ipynb``.
 """
 
@@ -38,6 +42,16 @@ MINDIFFUSER_KASTNER_LABELS = tuple(range(1, 24))
 
 #: ROI choices that are not plain atlas names.
 ROI_UNIONS = ("mindiffuser",)
+
+#: NSD's label names of the atlases in ``layout.ROI_ATLASES`` (label k is entry k - 1; 0 is "Unknown"), as
+#: their ``.mgz.ctab`` files give them; :func:`roi_labels` falls back on these when no ctab file is on disk.
+NSD_LABEL_NAMES = {
+    "nsdgeneral": ("nsdgeneral",),
+    "prf-visualrois": ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4"),
+    "Kastner2015": ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d", "hV4", "VO1", "VO2", "PHC1", "PHC2", "TO2", "TO1",
+                    "LO2", "LO1", "V3B", "V3A", "IPS0", "IPS1", "IPS2", "IPS3", "IPS4", "IPS5", "SPL1", "FEF"),
+    "streams": ("early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal"),
+}
 
 PathLike = str | os.PathLike
 
@@ -104,13 +118,42 @@ def load_roi(data_root: PathLike, subject: int, atlas: str) -> tuple[np.ndarray,
 
 
 def roi_labels(data_root: PathLike, subject: int, atlas: str) -> dict[int, str]:
-    """The label names of ``atlas``, from ``nsddata/freesurfer/subjNN/label/<atlas>.mgz.ctab``.
+    """The label names of ``atlas``: ``{label: name}``.
 
-    Returns ``{label: name}`` for every ``N name`` line, 0 ("Unknown") included when the file lists it.
-    Blank lines, ``#`` comments and extra columns (FreeSurfer's R G B A colours) are ignored.
+    Read from the first ctab file present (:func:`roi_labels_source`): the subject's
+    ``nsddata/freesurfer/subjNN/label/<atlas>.mgz.ctab``, else fsaverage's
+    ``nsddata/freesurfer/fsaverage/label/<atlas>.mgz.ctab``; every ``N name`` line, 0 ("Unknown") included when
+    the file lists it; blank lines, ``#`` comments and extra columns (FreeSurfer's R G B A colours) are
+    ignored. With neither file, NSD's names built into mdlib (:data:`NSD_LABEL_NAMES`, 0 = "Unknown") for the
+    atlases it knows.
+
+    Raises:
+        FileNotFoundError: no ctab file and an atlas mdlib has no names for (the message names both paths).
     """
-    path = layout.require(data_root, layout.roi_ctab(subject, atlas))
-    return parse_ctab(path.read_text(encoding="utf-8", errors="replace"), source=str(path))
+    source = roi_labels_source(data_root, subject, atlas)
+    if source is None:
+        return {0: "Unknown", **{k: name for k, name in enumerate(NSD_LABEL_NAMES[atlas], start=1)}}
+    return parse_ctab(source.read_text(encoding="utf-8", errors="replace"), source=str(source))
+
+
+def roi_labels_source(data_root: PathLike, subject: int, atlas: str) -> Path | None:
+    """The ctab file :func:`roi_labels` reads for ``atlas``: the subject's, else fsaverage's; None when neither
+    is present and mdlib has NSD's names for the atlas built in (:data:`NSD_LABEL_NAMES`).
+
+    Raises:
+        FileNotFoundError: neither file, and an atlas without built-in names (names both paths and the fix).
+    """
+    candidates = (layout.roi_ctab(subject, atlas), layout.fsaverage_roi_ctab(atlas))
+    for rel in candidates:
+        path = Path(data_root) / str(rel)
+        if path.is_file():
+            return path
+    if atlas in NSD_LABEL_NAMES:
+        return None
+    where = " or ".join(str(Path(data_root) / str(rel)) for rel in candidates)
+    raise FileNotFoundError(f"no label names for atlas {atlas!r}: neither {where} exists, and mdlib has names "
+                            f"built in only for {sorted(NSD_LABEL_NAMES)}.\n  To get it: "
+                            f"{layout.how_to_get(candidates[0])}")
 
 
 def parse_ctab(text: str, source: str = "ctab") -> dict[int, str]:

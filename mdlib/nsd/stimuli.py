@@ -7,7 +7,9 @@
   NSD, 39.6 GB): row = 0-based nsdId. :class:`StimulusReader` reads any ids in any order, in bounded batches,
   from it or, when it is absent, from the per-subject files ``mdlib fetch`` writes (``nsd_ids`` gives each
   row's nsdId; 10,000 images, 5.4 GB per subject).
-- COCO 2017 ``captions_{train,val}2017.json``: about five captions per image, found through ``cocoId``.
+- COCO 2017 ``captions_{train,val}2017.json``: about five captions per image, found through ``cocoId``, in
+  ``coco/annotations/`` (where ``mdlib fetch`` puts them) or else ``nsddata_stimuli/stimuli/nsd/annotations/``
+  (where nsd_access and many community trees keep them): :data:`CAPTION_PLACES`.
 
 nsdIds are 0-based everywhere in mdlib (the design file's 1-based ids are converted in ``design``).
 The formats: docs/data.md. Taught in ``notebooks/01_nsd_data.ipynb``.
@@ -81,6 +83,11 @@ def _parse_crop_box(text: object, path: Path) -> tuple[float, float, float, floa
 
 
 # -- captions --------------------------------------------------------------------------------------------
+#: Where :func:`load_captions` looks for ``captions_<split>.json`` under a data root, in this order: mdlib's
+#: own place (``mdlib fetch`` and mini-NSD write there), then the folder beside NSD's stimuli that nsd_access
+#: and many community trees use. The first place holding the split's file is read.
+CAPTION_PLACES = (layout.coco_captions, layout.nsd_coco_captions)
+
 #: Parsed COCO caption files: path -> ((mtime_ns, size), {cocoId: [captions]}). One entry per file.
 _CAPTION_CACHE: dict[Path, tuple[tuple[int, int], dict[int, list[str]]]] = {}
 
@@ -90,12 +97,12 @@ def load_captions(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.ndar
     """The COCO captions of each nsdId, in the order given: ``captions[i]`` belongs to ``nsd_ids[i]``.
 
     Each image's ``cocoId`` and ``cocoSplit`` come from ``stim_info`` (read with :func:`load_stim_info` if
-    not given); its captions from ``coco/annotations/captions_<split>.json`` under ``data_root``, in the
-    file's order, stripped of surrounding whitespace. Each JSON file is parsed once per process (re-read if
-    it changes on disk).
+    not given); its captions from ``captions_<split>.json`` under ``data_root`` (:func:`caption_file`:
+    ``coco/annotations/``, else ``nsddata_stimuli/stimuli/nsd/annotations/``), in the file's order, stripped
+    of surrounding whitespace. Each JSON file is parsed once per process (re-read if it changes on disk).
 
     Raises:
-        FileNotFoundError: a needed COCO file is absent (the message says how to get it).
+        FileNotFoundError: a needed COCO file is in neither place (the message names both and how to get it).
         KeyError: an nsdId is not in the stimulus table, or its cocoId has no captions (names both ids).
     """
     info = load_stim_info(data_root) if stim_info is None else stim_info
@@ -111,14 +118,36 @@ def load_captions(data_root: str | os.PathLike, nsd_ids: Sequence[int] | np.ndar
         found = by_split[split].get(int(coco_id))
         if not found:
             raise KeyError(f"no COCO captions for nsdId {nsd_id} (cocoId {int(coco_id)}, {split}) in "
-                           f"{layout.coco_captions(split)}")
+                           f"{caption_file(data_root, split)}")
         captions.append(list(found))
     return captions
 
 
+def caption_file(data_root: str | os.PathLike, split: str):
+    """The COCO caption file of ``split`` ('train2017' or 'val2017') that :func:`load_captions` reads, relative
+    to ``data_root`` (a :class:`~pathlib.PurePosixPath` from :data:`CAPTION_PLACES`), or None if neither place
+    holds it."""
+    for place in CAPTION_PLACES:
+        rel = place(split)
+        if (Path(data_root) / str(rel)).is_file():
+            return rel
+    return None
+
+
+def _require_caption_file(data_root: str | os.PathLike, split: str) -> Path:
+    rel = caption_file(data_root, split)
+    if rel is not None:
+        return Path(data_root) / str(rel)
+    tried = "\n".join(f"    {Path(data_root) / str(place(split))}" for place in CAPTION_PLACES)
+    raise FileNotFoundError(
+        f"COCO captions missing: captions_{split}.json is in neither place mdlib looks (in this order):\n{tried}\n"
+        f"  To get it: {layout.how_to_get(layout.coco_captions(split))}. A copy kept for nsd_access in "
+        f"{layout.nsd_coco_captions(split).parent}/ is read too.")
+
+
 def _coco_captions(data_root: str | os.PathLike, split: str) -> dict[int, list[str]]:
     """{cocoId: [captions]} of one COCO caption file, parsed once while the file is unchanged."""
-    path = layout.require(data_root, layout.coco_captions(split)).resolve()
+    path = _require_caption_file(data_root, split).resolve()
     stat = path.stat()
     stamp = (stat.st_mtime_ns, stat.st_size)
     cached = _CAPTION_CACHE.get(path)

@@ -2,6 +2,7 @@
 
 - :mod:`mdlib.synth.scenes`: scenes of coloured shapes, their rendering, captions and numeric descriptions.
 - :mod:`mdlib.synth.brain`: a simulated subject (anatomy, ROI atlases, a known encoding model, noise, drifts).
+- :mod:`mdlib.synth.behaviour`: each subject's answers in NSD's old/new task, as NSD's ``responses.tsv``.
 - :mod:`mdlib.synth.write`: :func:`write_mini_nsd` writes it all at NSD's paths in NSD's formats, plus a
   ground-truth sidecar (``mini_nsd.json``, ``mini_truth/``) read with :func:`load_truth`.
 

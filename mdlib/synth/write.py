@@ -2,8 +2,9 @@
 
 Every NSD file is written at the path :mod:`mdlib.nsd.layout` gives and in the format ``docs/data.md``
 describes (design ``.mat``, stimulus-info ``.csv``, ``imgBrick`` HDF5, COCO caption JSON, int16 betas as
-``.nii.gz`` and ``.hdf5``, ROI volumes and ``.mgz.ctab`` files, anatomy). Sizes are parameters; nothing is
-sized by NSD's constants (73000 images, 425 px, 750 trials).
+``.nii.gz`` and ``.hdf5``, ROI volumes and ``.mgz.ctab`` files, the latter also in fsaverage's label folder,
+anatomy, and each of the 8 subjects' behavioural ``responses.tsv``, :mod:`mdlib.synth.behaviour`). Sizes are
+parameters; nothing is sized by NSD's constants (73000 images, 425 px, 750 trials).
 
 Besides NSD's files, mini-NSD writes a sidecar that real NSD does not have (and the loaders never need):
 
@@ -36,6 +37,7 @@ import scipy.io
 import mdlib
 from mdlib.nsd import layout
 from mdlib.progress import bar as progress_bar
+from mdlib.synth import behaviour as _behaviour
 from mdlib.synth import brain as _brain
 from mdlib.synth import scenes as _scenes
 
@@ -340,6 +342,21 @@ def _write_subject_static(root: Path, b: _brain.SimulatedBrain) -> None:
     _save_nifti(root / layout.anatomy_file(s, "brainmask"), b.anat.brainmask.astype(np.int16), aff)
 
 
+def _write_fsaverage_ctabs(root: Path) -> None:
+    """The atlases' ctab files in NSD's fsaverage label folder, where nsd_access reads them."""
+    for atlas in _brain.ROI_LABELS:
+        _write_bytes(root / layout.fsaverage_roi_ctab(atlas), _brain.ctab_text(atlas).encode())
+
+
+def _write_responses(root: Path, d: SyntheticDesign, seed: int) -> None:
+    """NSD's behavioural file for each of the design's 8 subjects, over the sessions each one completed
+    (:mod:`mdlib.synth.behaviour`; its own random stream, so no other file changes)."""
+    for s in layout.ALL_SUBJECTS:
+        table = _behaviour.simulate_responses(d.masterordering, d.subjectim, d.trials_per_session, s,
+                                              d.sessions_completed[s], seed)
+        _write_bytes(root / layout.behav_responses(s), _behaviour.responses_tsv(table))
+
+
 def _write_session(root: Path, b: _brain.SimulatedBrain, d: SyntheticDesign, session: int) -> None:
     """betas_sessionSS as .nii.gz (X, Y, Z, T) and .hdf5 (T, Z, Y, X), int16 = % x 300, zero off-brain."""
     T = d.trials_per_session
@@ -512,6 +529,8 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
     _write_captions(root, df, scene_list, wh, int(seed), info_rng)
     _write_brick(root, scene_list, int(stim_size))
     _write_scenes_truth(root, scene_list)
+    _write_responses(root, design, int(seed))
+    _write_fsaverage_ctabs(root)
 
     # Per subject: simulated brain, ROIs, anatomy, betas, truth.
     per_subject = {}
@@ -541,6 +560,8 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
 
     written = [layout.expdesign(), layout.stim_info("csv"), layout.stimuli(), SCENES_TRUTH,
                layout.coco_captions("train2017"), layout.coco_captions("val2017")]
+    written += [layout.behav_responses(s) for s in layout.ALL_SUBJECTS]
+    written += [layout.fsaverage_roi_ctab(a) for a in layout.ROI_ATLASES]
     for s in subjects:
         written += [truth_file(s), layout.anatomy_file(s, "T1_to_func1pt8mm"), layout.anatomy_file(s, "mean"),
                     layout.anatomy_file(s, "brainmask")]
