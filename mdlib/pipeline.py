@@ -103,7 +103,7 @@ def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[i
         stage1_dir, stage2_dir: the subject's folders (:func:`run_folders`): images and states are saved
             there as they are done and read back on a rerun.
     """
-    from mdlib import stage1, stage2
+    from mdlib import runstate, stage1, stage2
 
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
@@ -135,8 +135,8 @@ def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[i
         if condition == "full":
             out = stage2.guide_published(sd, clip, z[part], c[part], targets.subset(part), seeds[part],
                                          config=config.published, sampler_config=config.sampler,
-                                         state_dir=Path(stage2_dir) / "published", save_every=config.save_every,
-                                         progress=progress)
+                                         state=runstate.stores_under(Path(stage2_dir) / "published"),
+                                         save_every=config.save_every, progress=progress)
         else:
             out = stage2.guide_fast(sd, clip, z[part], c[part], targets.subset(part), seeds[part],
                                     config=config.fast, sampler_config=config.sampler, progress=progress)

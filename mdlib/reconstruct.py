@@ -414,8 +414,9 @@ def _now() -> tuple[float, str]:
 def reconstruct_image(job: Job, sd, clip, decoded, row: int, seed: int, state_dir: Path | None = None,
                       progress: bool = False) -> tuple[np.ndarray, dict, dict]:
     """One image (row ``row`` of ``decoded``): (image (S, S, 3) uint8, the arrays of ``outputs.npz``, cost).
+    ``state_dir``: where the published optimisation keeps its state (:func:`mdlib.runstate.stores_under`).
     Raises ``FloatingPointError`` on non-finite inputs or outputs."""
-    from mdlib import stage1, stage2
+    from mdlib import runstate, stage1, stage2
 
     cfg = job.config
     part = slice(row, row + 1)
@@ -435,7 +436,8 @@ def reconstruct_image(job: Job, sd, clip, decoded, row: int, seed: int, state_di
             _check_finite(f"decoded CLIP {name}", t.cpu().numpy())
         kw = dict(sampler_config=cfg.sampler, progress=progress)
         if job.mode == "published":
-            out = stage2.guide_published(sd, clip, z, c, targets, [seed], config=cfg.published, state_dir=state_dir,
+            state = None if state_dir is None else runstate.stores_under(state_dir)
+            out = stage2.guide_published(sd, clip, z, c, targets, [seed], config=cfg.published, state=state,
                                          save_every=cfg.save_every, **kw)
         else:
             out = stage2.guide_fast(sd, clip, z, c, targets, [seed], config=cfg.fast, **kw)
@@ -444,7 +446,7 @@ def reconstruct_image(job: Job, sd, clip, decoded, row: int, seed: int, state_di
             its = sorted(out.snapshots)
             arrays["snapshots"] = np.stack([out.snapshots[k][0] for k in its])
             arrays["snapshot_iterations"] = np.array(its, dtype=np.int64)
-        cost = {k: v for k, v in out.cost.items() if k not in ("state_dir", "wall_s")}
+        cost = {k: v for k, v in out.cost.items() if k not in ("run_key", "wall_s")}
         image = out.images[0]
     _check_finite("latents", arrays["latents"])
     _check_finite("optimised z", arrays["z"])

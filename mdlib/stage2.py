@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,9 +47,12 @@ from mdlib import features
 from mdlib.cachekey import cache_key, float32_bytes
 from mdlib.models import ClipVision, SDModels
 from mdlib.progress import bar as progress_bar
-from mdlib.record import write_json_atomic, write_npz_atomic, write_png_atomic
+from mdlib.record import write_png_atomic
 from mdlib.sampler import DDIMSampler, SamplerConfig, draw_noise, generators
 from mdlib.selection import RELEASED_KEEP, best_decoded_mask
+
+if TYPE_CHECKING:  # where the state is kept is the caller's business (mdlib.runstate); stage 2 only names it
+    from mdlib.runstate import StoreFactory
 
 #: The released code's weight of (1 - cosine) on the image embedding (``0.1 * loss_CLIP_weight`` there).
 RELEASED_COS_WEIGHT = 0.1
@@ -313,9 +317,18 @@ class PublishedConfig:
             raise ValueError(f"need lr > 0 and 0 < gamma <= 1, got lr={self.lr}, gamma={self.gamma}")
 
 
+def make_optimizer(config: PublishedConfig, z_var: torch.Tensor, c_var: torch.Tensor) -> tuple:
+    """(optimiser, lr schedule) of a published run over those of z and c that require grad (z first): Adam or
+    plain gradient steps at ``lr`` (times ``gamma`` with ``lr_decay_first``), decayed by ``gamma`` per step."""
+    params = [p for p in (z_var, c_var) if p.requires_grad]
+    lr0 = config.lr * (config.gamma if config.lr_decay_first else 1.0)
+    opt = torch.optim.Adam(params, lr=lr0) if config.optimizer == "adam" else torch.optim.SGD(params, lr=lr0)
+    return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
+
+
 def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTargets, seeds: Sequence[int], *,
                     config: PublishedConfig | None = None, sampler_config: SamplerConfig | None = None,
-                    c_includes_bos: bool = False, state_dir: str | os.PathLike | None = None, save_every: int = 10,
+                    c_includes_bos: bool = False, state: StoreFactory | None = None, save_every: int = 10,
                     progress: bool = True) -> Stage2Output:
     """Stage 2 as published: optimise z (and c) through the whole sampler (lesson 05).
 
@@ -324,10 +337,14 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
             decoded caption embeddings (BOS row added here) or (n, tokens, width) with ``c_includes_bos``.
         targets: :class:`FeatureTargets` of the same n images. seeds: one per image (the sampler's noise).
         config: :class:`PublishedConfig`; sampler_config: the stage-1 sampler (default: published).
-        state_dir: save the optimisation state (z, c, Adam's moments, losses) every ``save_every`` iterations
-            as ``<state_dir>/<run key>/stage2_state.npz`` + ``.json``, and resume from it: an interrupted run
-            loses at most ``save_every`` iterations. The run key (:func:`run_key`) hashes the models, inputs,
-            targets, seeds and settings, so a run with anything changed gets a folder of its own.
+        state: where the optimisation state is kept, or None (not kept): a function run key -> store
+            (:data:`mdlib.runstate.StoreFactory`), e.g. ``mdlib.runstate.stores_under(folder)`` for
+            ``<folder>/<run key>/stage2_state.npz`` + ``.json``. The state (z, c, the optimiser's moments, lr,
+            losses, snapshots, cost; :func:`state_arrays`) is saved every ``save_every`` iterations and at the
+            end, and a run resumes from it: an interrupted run loses at most ``save_every`` iterations and ends
+            with the uninterrupted run's result; a finished one is read back without sampling. The run key
+            (:func:`run_key`, also ``cost["run_key"]``) hashes the models, inputs, targets, seeds and settings,
+            so a run with anything changed gets a store of its own.
         progress: a tqdm bar over iterations (postfix: the mean loss).
     """
     config = config or PublishedConfig()
@@ -335,22 +352,21 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
     sampler, z0, cond0, uncond = _inputs(sd, z, c, targets, seeds, sampler_config, c_includes_bos)
     z_var = z0.clone().requires_grad_("z" in config.update)
     c_var = cond0.clone().requires_grad_("c" in config.update)
-    params = [p for p in (z_var, c_var) if p.requires_grad]
-    lr0 = config.lr * (config.gamma if config.lr_decay_first else 1.0)
-    opt = torch.optim.Adam(params, lr=lr0) if config.optimizer == "adam" else torch.optim.SGD(params, lr=lr0)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.gamma)
+    opt, sched = make_optimizer(config, z_var, c_var)
     seeds = [int(s) for s in seeds]
     evals = sampler.config.unet_evaluations(len(z0))
     losses: list[np.ndarray] = []
     snapshots: dict[int, np.ndarray] = {}
-    start_it, prior = 0, dict.fromkeys(_State.COST_KEYS, 0.0)
-    state = final = None
-    if state_dir is not None:
-        state = _State(state_dir, run_key(sd, clip, z0, cond0, targets, seeds, config, sampler.config))
-        got = state.load(z_var, c_var, opt, sched)
-        if got is not None:
+    start_it, prior = 0, dict.fromkeys(STATE_COST_KEYS, 0.0)
+    store = key = final = None
+    if state is not None:
+        key = run_key(sd, clip, z0, cond0, targets, seeds, config, sampler.config)
+        store = state(key)
+        saved = store.load(required=STATE_FIELDS)
+        if saved is not None:
+            got = restore_state(saved, z_var, c_var, opt, sched)
             start_it, losses, snapshots, prior = got["iteration"], got["losses"], got["snapshots"], got["cost"]
-            final = (got["latents"], got["images"]) if "latents" in got else None
+            final = got["final"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, calls0 = time.perf_counter(), sampler.unet_calls
@@ -361,6 +377,10 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
         return {"unet_passes": prior["unet_passes"] + sampler.unet_calls - calls0,
                 "unet_backward": prior["unet_backward"] + (steps_done - start_it) * evals,
                 "wall_s": prior["wall_s"] + time.perf_counter() - t0}
+
+    def save(iteration: int, cost: dict, finished=None) -> None:
+        arrays = state_arrays(iteration, z_var, c_var, opt, losses, snapshots, cost, finished)
+        store.save(arrays, state_summary(arrays))
 
     bar = progress_bar(total=config.iterations + 1, initial=start_it, desc="stage 2 (published)",
                        progress=progress and final is None)
@@ -382,16 +402,16 @@ def guide_published(sd: SDModels, clip: ClipVision, z, c, targets: FeatureTarget
             final = (lat.detach().float().cpu().numpy(), features.to_uint8_images(images))
         bar.update()
         bar.set_postfix(loss=f"{float(losses[-1].mean()):.4g}")
-        if state is not None and (it + 1) % save_every == 0 and it < config.iterations:
-            state.save(it + 1, z_var, c_var, opt, losses, snapshots, cost_so_far(it + 1))
+        if store is not None and (it + 1) % save_every == 0 and it < config.iterations:
+            save(it + 1, cost_so_far(it + 1))
     bar.close()
     steps_done = max(start_it, config.iterations)
     cost = cost_so_far(steps_done) if start_it <= config.iterations else prior
-    if state is not None and start_it <= config.iterations:
-        state.save(config.iterations + 1, z_var, c_var, opt, losses, snapshots, cost, final=final)
+    if store is not None and start_it <= config.iterations:
+        save(config.iterations + 1, cost, finished=final)
     cost = {**cost, "unet_passes": int(cost["unet_passes"]), "unet_backward": int(cost["unet_backward"]),
             "peak_memory_bytes": _peak_memory(device), "iterations": config.iterations, "resumed_at": start_it,
-            "state_dir": None if state is None else str(state.folder)}
+            "run_key": key}
     return Stage2Output(images=final[1], latents=final[0], z=z_var.detach().float().cpu().numpy(),
                         loss=np.stack(losses), snapshots=snapshots, cost=cost)
 
@@ -513,7 +533,8 @@ def score_images(clip: ClipVision, targets: FeatureTargets, images) -> np.ndarra
 def run_key(sd: SDModels, clip: ClipVision, z0: torch.Tensor, cond0: torch.Tensor, targets: FeatureTargets,
             seeds: Sequence[int], config: PublishedConfig, sampler_config: SamplerConfig) -> str:
     """A 24-hex-digit hash of everything a published run's result depends on (the models' fingerprints, z, c
-    with BOS, the targets and masks, seeds and settings; not the snapshot list), naming its state folder."""
+    with BOS, the targets and masks, seeds and settings; not the snapshot list): which saved state is this run's
+    (:mod:`mdlib.runstate`)."""
     fingerprints = f"{sd.fingerprint('unet')}|{sd.fingerprint('vae')}|{clip.fingerprint()}"
     tensors = [z0, cond0, *targets.blocks.values(), *targets.masks.values()]
     if targets.embedding is not None:
@@ -524,72 +545,72 @@ def run_key(sd: SDModels, clip: ClipVision, z0: torch.Tensor, cond0: torch.Tenso
     return cache_key(fingerprints, *(float32_bytes(t) for t in tensors), settings, n=24)
 
 
-class _State:
-    """The published optimisation's state on disk, ``stage2_state.npz`` (authoritative: tensors, progress and
-    the cost so far, written atomically in one file) plus ``stage2_state.json`` (the same progress, to read)."""
+#: The cost entries a saved state carries: the whole run's so far, interrupted sessions included.
+STATE_COST_KEYS = ("unet_passes", "unet_backward", "wall_s")
+#: The entries every saved state has (a file without one was written by an older mdlib).
+STATE_FIELDS = ("iteration", "lr", "cost", "z", "c", "losses")
 
-    COST_KEYS = ("unet_passes", "unet_backward", "wall_s")
 
-    def __init__(self, state_dir, key: str):
-        self.key = key
-        self.folder = Path(state_dir).expanduser() / key
+def state_arrays(iteration: int, z_var: torch.Tensor, c_var: torch.Tensor, opt: torch.optim.Optimizer,
+                 losses: Sequence[np.ndarray], snapshots: dict[int, np.ndarray], cost: dict,
+                 final: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The published optimisation's state as named arrays (what a :mod:`mdlib.runstate` store keeps).
 
-    def load(self, z_var, c_var, opt, sched) -> dict | None:
-        """Restore z, c, Adam and the schedule; returns ``iteration``, ``losses``, ``snapshots``, ``cost`` and
-        (finished runs) ``latents``/``images``, or None when there is no state yet."""
-        path = self.folder / "stage2_state.npz"
-        if not path.is_file():
-            return None
-        try:
-            f = np.load(path)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path} cannot be read ({err}): delete it to start this run over") from None
-        with f:
-            if "key" not in f.files or "cost" not in f.files:
-                raise ValueError(f"{path} was written by an older mdlib: delete it to start this run over")
-            if str(f["key"]) != self.key:
-                raise ValueError(f"{path} belongs to another stage-2 run (key {f['key']}, not {self.key}): "
-                                 "delete that folder to start this run over")
-            with torch.no_grad():
-                z_var.copy_(torch.as_tensor(f["z"]))
-                c_var.copy_(torch.as_tensor(f["c"]))
-            opt_state = opt.state_dict()
-            for k, p in enumerate(opt.param_groups[0]["params"]):
-                if f"step{k}" in f.files:
-                    opt_state["state"][k] = {"step": torch.tensor(float(f[f"step{k}"])),
-                                             "exp_avg": torch.as_tensor(f[f"exp_avg{k}"], device=p.device),
-                                             "exp_avg_sq": torch.as_tensor(f[f"exp_avg_sq{k}"], device=p.device)}
-            opt.load_state_dict(opt_state)
-            iteration, lr = int(f["iteration"]), float(f["lr"])
-            out = {"iteration": iteration, "losses": list(f["losses"]),
-                   "snapshots": {int(k[4:]): f[k] for k in f.files if k.startswith("snap")},
-                   "cost": {k: float(v) for k, v in zip(self.COST_KEYS, f["cost"])}}
-            if "final_latents" in f.files:
-                out["latents"], out["images"] = f["final_latents"], f["final_images"]
-        sched.load_state_dict({**sched.state_dict(), "last_epoch": iteration, "_last_lr": [lr]})
-        for g in opt.param_groups:
-            g["lr"] = lr
-        return out
+    ``iteration``: the next iteration to run (``iterations + 1`` once finished); ``z``, ``c``: (n, 4, h, w)
+    and (n, tokens, width) float32; ``lr``: the current learning rate; ``losses``: (iteration, n) the losses so
+    far; ``cost``: :data:`STATE_COST_KEYS` as float64; ``snap<k>``: iteration k's (n, S, S, 3) uint8 images;
+    per optimised tensor k (z first, then c, those that change), the optimiser's ``step<k>``, ``exp_avg<k>``,
+    ``exp_avg_sq<k>`` (Adam; plain gradient steps have no state); finished runs: ``final_latents``,
+    ``final_images``. :func:`restore_state` reverses it.
+    """
+    arrays = {"iteration": np.array(int(iteration)), "lr": np.array(float(opt.param_groups[0]["lr"])),
+              "cost": np.array([float(cost[k]) for k in STATE_COST_KEYS]),
+              "z": z_var.detach().float().cpu().numpy(), "c": c_var.detach().float().cpu().numpy(),
+              "losses": np.stack(losses), **{f"snap{k}": v for k, v in snapshots.items()}}
+    if final is not None:
+        arrays["final_latents"], arrays["final_images"] = final
+    for k, p in enumerate(opt.param_groups[0]["params"]):
+        st = opt.state.get(p, {})
+        if st:
+            arrays[f"step{k}"] = np.array(float(st["step"]))
+            arrays[f"exp_avg{k}"] = st["exp_avg"].detach().cpu().numpy()
+            arrays[f"exp_avg_sq{k}"] = st["exp_avg_sq"].detach().cpu().numpy()
+    return arrays
 
-    def save(self, iteration, z_var, c_var, opt, losses, snapshots, cost: dict, final=None) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lr = float(opt.param_groups[0]["lr"])
-        arrays = {"key": np.array(self.key), "iteration": np.array(int(iteration)), "lr": np.array(lr),
-                  "cost": np.array([float(cost[k]) for k in self.COST_KEYS]),
-                  "z": z_var.detach().float().cpu().numpy(), "c": c_var.detach().float().cpu().numpy(),
-                  "losses": np.stack(losses), **{f"snap{k}": v for k, v in snapshots.items()}}
-        if final is not None:
-            arrays["final_latents"], arrays["final_images"] = final
-        for k, p in enumerate(opt.param_groups[0]["params"]):
-            st = opt.state.get(p, {})
-            if st:
-                arrays[f"step{k}"] = np.array(float(st["step"]))
-                arrays[f"exp_avg{k}"] = st["exp_avg"].detach().cpu().numpy()
-                arrays[f"exp_avg_sq{k}"] = st["exp_avg_sq"].detach().cpu().numpy()
-        write_npz_atomic(self.folder / "stage2_state.npz", **arrays)
-        write_json_atomic(self.folder / "stage2_state.json",
-                          {"key": self.key, "iteration": int(iteration), "finished": final is not None, "lr": lr,
-                           "cost": cost, "mean_loss": [float(np.mean(v)) for v in losses]})
+
+def restore_state(arrays: dict[str, np.ndarray], z_var: torch.Tensor, c_var: torch.Tensor,
+                  opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """Put :func:`state_arrays`' state back into z, c, the optimiser and its lr schedule (made as the run
+    makes them), so that the next step is the one an uninterrupted run would take. Returns ``iteration``,
+    ``losses`` (list of (n,)), ``snapshots``, ``cost`` (dict) and ``final`` ((latents, images), or None while
+    the run is not finished)."""
+    with torch.no_grad():
+        z_var.copy_(torch.as_tensor(arrays["z"]))
+        c_var.copy_(torch.as_tensor(arrays["c"]))
+    opt_state = opt.state_dict()
+    for k, p in enumerate(opt.param_groups[0]["params"]):
+        if f"step{k}" in arrays:
+            opt_state["state"][k] = {"step": torch.tensor(float(arrays[f"step{k}"])),
+                                     "exp_avg": torch.as_tensor(arrays[f"exp_avg{k}"], device=p.device),
+                                     "exp_avg_sq": torch.as_tensor(arrays[f"exp_avg_sq{k}"], device=p.device)}
+    opt.load_state_dict(opt_state)
+    iteration, lr = int(arrays["iteration"]), float(arrays["lr"])
+    sched.load_state_dict({**sched.state_dict(), "last_epoch": iteration, "_last_lr": [lr]})
+    for g in opt.param_groups:
+        g["lr"] = lr
+    final = (arrays["final_latents"], arrays["final_images"]) if "final_latents" in arrays else None
+    return {"iteration": iteration, "losses": list(arrays["losses"]),
+            "snapshots": {int(k[4:]): v for k, v in arrays.items() if k.startswith("snap")},
+            "cost": {k: float(v) for k, v in zip(STATE_COST_KEYS, arrays["cost"])}, "final": final}
+
+
+def state_summary(arrays: dict[str, np.ndarray]) -> dict:
+    """The state's progress for people (the store's JSON): iteration, finished, lr, cost, mean loss per
+    iteration."""
+    cost = {k: float(v) for k, v in zip(STATE_COST_KEYS, arrays["cost"])}
+    cost.update({k: int(cost[k]) for k in ("unet_passes", "unet_backward")})
+    return {"iteration": int(arrays["iteration"]), "finished": "final_latents" in arrays,
+            "lr": float(arrays["lr"]), "cost": cost, "mean_loss": [float(np.mean(v)) for v in arrays["losses"]]}
 
 
 # ---------------------------------------------------------------------------------------- memory meter

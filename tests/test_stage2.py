@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdlib import models, stage2
+from mdlib import models, runstate, stage2
 from mdlib.sampler import DDIMSampler, SamplerConfig, generators
 from mdlib.stage1 import unconditional, with_bos
 
@@ -195,20 +195,24 @@ def test_interrupted_run_resumes_to_the_same_result(sd, clip, tmp_path, monkeypa
         return real(self, feats)
 
     monkeypatch.setattr(stage2.FeatureTargets, "per_image_loss", dies_at_the_fifth)
+    state = runstate.stores_under(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        stage2.guide_published(sd, clip, z, c, targets, [1, 2], state_dir=tmp_path, save_every=2, **kw)
+        stage2.guide_published(sd, clip, z, c, targets, [1, 2], state=state, save_every=2, **kw)
+    key = stage2.run_key(sd, clip, z, with_bos(sd, c), targets, [1, 2], cfg, SHORT)
+    saved = state(key).load()
+    assert int(saved["iteration"]) == 4 and "final_latents" not in saved   # saved after iterations 1 and 3
     monkeypatch.setattr(stage2.FeatureTargets, "per_image_loss", real)
-    resumed = stage2.guide_published(sd, clip, z, c, targets, [1, 2], state_dir=tmp_path, save_every=2, **kw)
+    resumed = stage2.guide_published(sd, clip, z, c, targets, [1, 2], state=state, save_every=2, **kw)
     assert resumed.cost["resumed_at"] == 4
     np.testing.assert_allclose(resumed.z, whole.z, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(resumed.loss, whole.loss, rtol=1e-5)
     assert set(resumed.snapshots) == {0, 3, 5}
     np.testing.assert_array_equal(resumed.snapshots[0], whole.snapshots[0])
-    assert resumed.cost["state_dir"] == str(tmp_path / stage2.run_key(
-        sd, clip, z, with_bos(sd, c), targets, [1, 2], cfg, SHORT))
+    assert resumed.cost["run_key"] == key and (tmp_path / key / "stage2_state.npz").is_file()
     # Other inputs (or settings, or targets) make another run, in a folder of its own: nothing is resumed.
-    other = stage2.guide_published(sd, clip, z + 1, c, targets, [1, 2], state_dir=tmp_path, **kw)
-    assert other.cost["resumed_at"] == 0 and other.cost["state_dir"] != resumed.cost["state_dir"]
+    other = stage2.guide_published(sd, clip, z + 1, c, targets, [1, 2], state=state, **kw)
+    assert other.cost["resumed_at"] == 0 and other.cost["run_key"] != key
+    assert (tmp_path / other.cost["run_key"] / "stage2_state.npz").is_file()
     assert stage2.run_key(sd, clip, z, with_bos(sd, c), targets.subset([1, 0]), [1, 2], cfg, SHORT) != \
         stage2.run_key(sd, clip, z, with_bos(sd, c), targets, [1, 2], cfg, SHORT)
     # The cost is the whole run's, the interrupted session's saved part included
@@ -216,7 +220,7 @@ def test_interrupted_run_resumes_to_the_same_result(sd, clip, tmp_path, monkeypa
         assert resumed.cost[key] == whole.cost[key]
     # A finished run is read back, result and cost, without running the sampler again
     monkeypatch.setattr(stage2, "render_loss", lambda *a, **k: pytest.fail("a finished run was recomputed"))
-    again = stage2.guide_published(sd, clip, z, c, targets, [1, 2], state_dir=tmp_path, save_every=2, **kw)
+    again = stage2.guide_published(sd, clip, z, c, targets, [1, 2], state=state, save_every=2, **kw)
     assert again.cost["resumed_at"] == cfg.iterations + 1
     for key in ("unet_passes", "unet_backward"):
         assert again.cost[key] == whole.cost[key]
@@ -224,6 +228,91 @@ def test_interrupted_run_resumes_to_the_same_result(sd, clip, tmp_path, monkeypa
     np.testing.assert_array_equal(again.images, resumed.images)
     np.testing.assert_array_equal(again.latents, resumed.latents)
     assert set(again.snapshots) == {0, 3, 5}
+
+
+def _toy_steps(z_var, c_var, opt, sched, steps, a):
+    """Optimisation steps as guide_published takes them, on a toy loss of z and c (no models)."""
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = ((z_var - a) ** 2).sum() + (c_var ** 4).sum() + (z_var.sum() * c_var.mean()) ** 2
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def _through_npz(arrays):
+    """The arrays as a store writes and reads them: one npz, no pickles."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.parametrize("cfg", [stage2.PublishedConfig(lr=0.05, gamma=0.9, update=("z", "c")),
+                                 stage2.PublishedConfig(lr=0.05, gamma=0.9, lr_decay_first=True),
+                                 stage2.PublishedConfig(lr=0.05, gamma=0.95, optimizer="sgd", update=("z", "c"))],
+                         ids=["adam-z-c", "adam-z-decay-first", "sgd"])
+def test_state_arrays_round_trip_continues_the_optimisation_exactly(cfg):
+    """Steps after state_arrays -> (npz) -> restore_state into fresh tensors and a fresh optimiser are the
+    uninterrupted run's steps, bit for bit: z, c, Adam's moments and step count, the lr schedule."""
+    g = torch.Generator().manual_seed(0)
+    z0, c0 = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 5, 6, generator=g)
+    a = torch.randn(2, 4, 3, 3, generator=g)
+
+    def fresh(z, c):
+        z_var = z.clone().requires_grad_("z" in cfg.update)
+        c_var = c.clone().requires_grad_("c" in cfg.update)
+        return (z_var, c_var, *stage2.make_optimizer(cfg, z_var, c_var))
+
+    straight = fresh(z0, c0)
+    _toy_steps(*straight, 6, a)
+
+    first = fresh(z0, c0)
+    _toy_steps(*first, 3, a)
+    losses = [np.array([1.0, 2.0]), np.array([0.5, 1.5]), np.array([0.25, 1.0])]
+    snaps = {0: np.zeros((2, 4, 4, 3), np.uint8)}
+    cost = {"unet_passes": 120, "unet_backward": 60, "wall_s": 1.5}
+    arrays = _through_npz(stage2.state_arrays(3, *first[:3], losses, snaps, cost))
+    assert ("step0" in arrays) == (cfg.optimizer == "adam") and "final_latents" not in arrays
+    resumed = fresh(torch.zeros_like(z0), torch.zeros_like(c0))       # restored, not taken from the inputs
+    got = stage2.restore_state(arrays, *resumed)
+    assert got["iteration"] == 3 and got["cost"] == cost and got["final"] is None
+    np.testing.assert_array_equal(np.stack(got["losses"]), np.stack(losses))
+    assert list(got["snapshots"]) == [0] and got["snapshots"][0].dtype == np.uint8
+    assert resumed[2].param_groups[0]["lr"] == first[2].param_groups[0]["lr"]
+    _toy_steps(*resumed, 3, a)
+    for x, y in zip(resumed[:2], straight[:2]):
+        assert torch.equal(x, y)
+    assert resumed[2].param_groups[0]["lr"] == straight[2].param_groups[0]["lr"]
+    assert resumed[3].last_epoch == straight[3].last_epoch == 6
+    for p, q in zip(resumed[2].param_groups[0]["params"], straight[2].param_groups[0]["params"]):
+        assert resumed[2].state[p].keys() == straight[2].state[q].keys()
+        for k, v in straight[2].state[q].items():
+            assert torch.equal(resumed[2].state[p][k], v), k
+
+    if cfg.optimizer == "adam":   # the moments matter: restoring only z and c would take another step
+        bare = fresh(torch.zeros_like(z0), torch.zeros_like(c0))
+        stage2.restore_state({k: v for k, v in arrays.items() if not k.startswith(("step", "exp_avg"))}, *bare)
+        _toy_steps(*bare, 3, a)
+        assert not torch.equal(bare[0], straight[0])
+
+
+def test_a_finished_state_carries_the_result_and_a_summary():
+    z_var, c_var = torch.ones(1, 4, 2, 2, requires_grad=True), torch.zeros(1, 3, 5)
+    opt, sched = stage2.make_optimizer(stage2.PublishedConfig(lr=0.01), z_var, c_var)
+    final = (np.full((1, 4, 2, 2), 0.5, np.float32), np.full((1, 8, 8, 3), 7, np.uint8))
+    losses = [np.array([3.0]), np.array([1.0])]
+    arrays = stage2.state_arrays(2, z_var, c_var, opt, losses, {}, {"unet_passes": 7, "unet_backward": 4,
+                                                                    "wall_s": 0.25}, final)
+    got = stage2.restore_state(_through_npz(arrays), z_var, c_var, opt, sched)
+    np.testing.assert_array_equal(got["final"][0], final[0])
+    np.testing.assert_array_equal(got["final"][1], final[1])
+    assert stage2.state_summary(arrays) == {"iteration": 2, "finished": True, "lr": 0.01, "mean_loss": [3.0, 1.0],
+                                            "cost": {"unet_passes": 7, "unet_backward": 4, "wall_s": 0.25}}
+    assert set(stage2.STATE_FIELDS) <= set(arrays)
 
 
 def test_from_decoded_keeps_the_best_decoded_quarter(rng):
