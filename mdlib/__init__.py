@@ -4,6 +4,8 @@ Layers, lowest first (no import runs back up):
 
 - ``mdlib.stats``, ``mdlib.cachekey``, ``mdlib.progress``: what every layer shares (Pearson r, cache keys,
   progress bars and their ``MDLIB_PROGRESS`` switch).
+- ``mdlib.record``, ``mdlib.runstate``: files written atomically (results, images, arrays) and the resumable
+  state of long runs, kept by callers so that the algorithms themselves write no files.
 - ``mdlib.paths``: the data root (``MDLIB_DATA``) and run folders.
 - ``mdlib.nsd``: the Natural Scenes Dataset on disk (layout, design, stimuli, betas, ROIs).
 - ``mdlib.synth``: mini-NSD, a synthetic NSD written in NSD's exact formats.
