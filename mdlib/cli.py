@@ -114,7 +114,7 @@ def _count(minimum: int):
 def cmd_fetch(args) -> int:
     from .fetch import FetchError, fetch_model_weights, fetch_nsd
     from .fetch.remote import _transient_errors as transient_errors
-    from .fetch.remote import unreachable
+    from .fetch.remote import one_line, unreachable
 
     try:
         if args.what != "none":
@@ -122,7 +122,7 @@ def cmd_fetch(args) -> int:
                       bucket=args.bucket, last_session=args.last_session, stimuli=args.stimuli,
                       coco=not args.no_coco, coco_source=args.coco_source, workers=args.workers,
                       retries=args.retries, dry_run=args.dry_run, verify=args.verify, progress=not args.quiet,
-                      max_rate=args.max_rate)
+                      max_rate=args.max_rate, verify_sample=args.verify_sample, verify_seed=args.verify_seed)
         if args.models:
             fetch_model_weights(cache_dir=args.hf_cache, dry_run=args.dry_run)
         elif args.what == "none":
@@ -132,6 +132,12 @@ def cmd_fetch(args) -> int:
         return 1
     except transient_errors() as err:   # a connection error that escaped the store's own handling
         print(f"error: {unreachable(args.endpoint_url or 'the S3 endpoint', err)}", file=sys.stderr)
+        return 1
+    except Exception as err:            # any other botocore error (an answer, or a request it refused)
+        if not type(err).__module__.startswith("botocore"):
+            raise
+        print(f"error: an S3 request failed ({one_line(err)}); check --bucket and --endpoint-url, then run the "
+              "same command again: finished files are kept and partial ones resume", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the complete files are in place, partial ones kept; run the same command to resume",
@@ -241,7 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap the download rate, all transfers together, e.g. 500k or 20M (SI units, bytes per "
                         "second; as curl's --limit-rate): for a link shared with others (default: no cap)")
     f.add_argument("--dry-run", action="store_true", help="list what would be fetched and its size; write nothing")
-    f.add_argument("--verify", action="store_true", help="re-hash present files instead of trusting the state")
+    f.add_argument("--verify", action="store_true",
+                   help="re-hash present files instead of trusting the state, check each row of the subjects' "
+                        "image files against its checksum and compare a sample of rows with the bucket's (with "
+                        "--dry-run: report only)")
+    f.add_argument("--verify-sample", type=_count(0), default=100, metavar="N",
+                   help="--verify compares N random rows of each subject's image file, and its first and last, "
+                        "with the bucket's (default: 100)")
+    f.add_argument("--verify-seed", type=int, default=None, metavar="SEED",
+                   help="the seed of --verify's sample (default: a fresh one, printed)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_fetch)
 

@@ -15,6 +15,12 @@
   run left a part, checked (size against HEAD and the manifest; MD5 against the ETag when the ETag is a plain
   MD5, i.e. has no ``-``: multipart uploads' ETags are not MD5s, then size only), then moved into place with
   ``os.replace``: a file is at its final path only when complete and verified.
+- Every GET is made with the ETag HEAD gave (``If-Match``) and its answer checked against the size HEAD gave
+  (the total in ``Content-Range``): an object that changed between HEAD and GET raises
+  :class:`SourceChangedError` at once, whatever the server does with ``If-Match``, and no byte of another
+  version is appended to a part.
+- :func:`row_digests`, :func:`scan_rows`: SHA-256 of each row of a file's image block (the per-subject image
+  file's row checksums, :mod:`mdlib.fetch.subset`).
 
 docs/fetch.md, "How it transfers", describes this for users.
 """
@@ -33,6 +39,7 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +68,47 @@ class MissingKeyError(FetchError):
 
 
 class SourceChangedError(FetchError):
-    """The remote object changed between HEAD and GET (its ETag differs)."""
+    """The remote object changed between HEAD and GET (another ETag, or another size).
+
+    ``found`` says how it differs; ``discarded`` what the fetch threw away because of it (a part of the old
+    version). The message is one line: the object, both versions, what was discarded, and the fix.
+    """
+
+    def __init__(self, url: str, expected: RemoteObject, found: str, discarded: str = "") -> None:
+        self.url, self.expected, self.found, self.discarded = url, expected, found, discarded
+        head = f"{expected.size} bytes, ETag {expected.etag or 'none'}" if expected.size >= 0 else \
+            f"ETag {expected.etag or 'none'}"
+        super().__init__(
+            f"{url} changed on the server during the fetch: HEAD said {head}, but {found}"
+            + (f"; {discarded}" if discarded else "") + ". Run the same command again to fetch the current "
+            "version (if data_manifest/nsd.yaml gives a size for it, check that size too)")
+
+    def with_discarded(self, what: str) -> SourceChangedError:
+        return SourceChangedError(self.url, self.expected, self.found, what)
 
 
 def _transient_errors() -> tuple[type[BaseException], ...]:
-    """Errors worth a retry (a dropped or stalled connection), as opposed to 'missing' or 'forbidden'."""
+    """Errors worth a retry: network failures (no route, a refused, dropped or stalled connection, a short
+    read), as opposed to answers ('missing', 'forbidden', 'invalid range') and botocore's own errors about the
+    request (an invalid bucket name, a bad endpoint), which no retry mends (see :func:`one_line`)."""
     import urllib3.exceptions
-    from botocore.exceptions import BotoCoreError
+    from botocore import exceptions as boto
 
-    return (BotoCoreError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
-            http.client.HTTPException, urllib.error.URLError)
+    return (boto.ConnectionError, boto.HTTPClientError, boto.IncompleteReadError, urllib3.exceptions.HTTPError,
+            ConnectionError, TimeoutError, http.client.HTTPException, urllib.error.URLError)
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s type and message on one line (botocore's validation messages span several)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def request_failed(url: str, what: str, err: BaseException) -> str:
+    """The message for an S3 request that failed without a network failure (an error answer, or botocore
+    refusing the request): what failed, on one line, and what to check."""
+    return (f"{url}: {what} failed ({one_line(err)}). Check --bucket and --endpoint-url (and, for an error the "
+            "server reports, try again later); finished files are kept and partial ones resume.")
 
 
 def unreachable(url: str, err: BaseException) -> str:
@@ -198,7 +236,7 @@ class S3Store:
 
     def head(self, key: str) -> RemoteObject:
         """Size and ETag of ``key``; :class:`MissingKeyError` if the bucket does not have it."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             meta = self.client.head_object(Bucket=self.bucket, Key=key)
@@ -206,39 +244,67 @@ class S3Store:
             code = str(err.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound", "403", "AccessDenied", "Forbidden"):
                 raise MissingKeyError(self.bucket, [key]) from None
-            raise FetchError(f"{self.url(key)}: HEAD failed: {err}") from err
+            raise FetchError(request_failed(self.url(key), "HEAD", err)) from None
         except _transient_errors() as err:   # no network, DNS, a refused or dropped connection (after retries)
             raise FetchError(unreachable(self.url(key), err)) from None
+        except BotoCoreError as err:         # botocore refused the request (an invalid bucket name, ...)
+            raise FetchError(request_failed(self.url(key), "HEAD", err)) from None
         finally:
             self.counter.add(heads=1)
         return RemoteObject(key, int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"'))
 
-    def open_range(self, key: str, start: int, end: int | None = None, etag: str | None = None):
+    def open_range(self, key: str, start: int, end: int | None = None, etag: str | None = None,
+                   size: int | None = None):
         """A streaming body of bytes ``start`` .. ``end - 1`` (to the end if None) of ``key``, only if its
-        ETag is still ``etag`` (S3's If-Match; a changed object raises :class:`FetchError`)."""
-        from botocore.exceptions import ClientError
+        ETag is still ``etag`` (S3's If-Match) and its size still ``size`` (the total in the answer's
+        Content-Range): an object that changed since HEAD raises :class:`SourceChangedError`, also from a
+        server that ignores If-Match (it answers InvalidRange, or with the new object's bytes and size)."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
         rng = f"bytes={int(start)}-" + ("" if end is None else str(int(end) - 1))
         kwargs = {"Bucket": self.bucket, "Key": key, "Range": rng}
         if etag:
             kwargs["IfMatch"] = f'"{etag}"'
+        expected = RemoteObject(key, -1 if size is None else int(size), etag or "")
         self.counter.add(requests=1)
         try:
-            return self.client.get_object(**kwargs)["Body"]
+            resp = self.client.get_object(**kwargs)
         except ClientError as err:
-            code = str(err.response.get("Error", {}).get("Code", ""))
+            error = err.response.get("Error", {})
+            code = str(error.get("Code", ""))
             if code in ("412", "PreconditionFailed"):
-                raise SourceChangedError(f"{self.url(key)} changed while it was being fetched (its ETag is no "
-                                         f"longer {etag}); run the fetch again") from None
+                raise SourceChangedError(self.url(key), expected, "the GET found another ETag (If-Match failed)") \
+                    from None
+            if code in ("416", "InvalidRange"):
+                now = error.get("ActualObjectSize")
+                raise SourceChangedError(self.url(key), expected, f"a GET of {rng} was refused as out of range"
+                                         + (f" (the object now has {now} bytes)" if now else "")) from None
             if code in ("404", "NoSuchKey", "403", "AccessDenied"):
                 raise MissingKeyError(self.bucket, [key]) from None
-            raise FetchError(f"{self.url(key)}: GET {rng} failed: {err}") from err
+            raise FetchError(request_failed(self.url(key), f"GET {rng}", err)) from None
+        except _transient_errors():
+            raise
+        except BotoCoreError as err:
+            raise FetchError(request_failed(self.url(key), f"GET {rng}", err)) from None
+        total = _content_range_total(resp.get("ContentRange"))
+        problem = None
+        if total is None and start > 0:
+            problem = f"the server ignored the Range header of a GET of {rng} (no Content-Range)"
+        elif size is not None and total is not None and total != size:
+            problem = f"a GET of {rng} says it has {total} bytes"
+        if problem is not None:
+            resp["Body"].close()
+            if total is None:
+                raise FetchError(f"{self.url(key)}: {problem}; mdlib needs ranged reads: check --endpoint-url")
+            raise SourceChangedError(self.url(key), expected, problem)
+        return resp["Body"]
 
-    def read_range(self, key: str, start: int, end: int, etag: str | None = None) -> bytes:
-        """Bytes ``start`` .. ``end - 1`` of ``key``, exactly (a short answer raises ConnectionError)."""
+    def read_range(self, key: str, start: int, end: int, etag: str | None = None, size: int | None = None) -> bytes:
+        """Bytes ``start`` .. ``end - 1`` of ``key``, exactly (a short answer raises ConnectionError); ``etag``
+        and ``size``: what HEAD said (see :meth:`open_range`)."""
         if end <= start:
             return b""
-        body = self.open_range(key, start, end, etag)
+        body = self.open_range(key, start, end, etag, size)
         try:
             data = b"".join(self.blocks(body))
         finally:
@@ -246,6 +312,12 @@ class S3Store:
         if len(data) != end - start:
             raise ConnectionError(f"{self.url(key)}: asked for {end - start} bytes at {start}, got {len(data)}")
         return data
+
+
+def _content_range_total(value: str | None) -> int | None:
+    """The total size in a Content-Range header (``bytes 100-299/300`` -> 300); None if absent or ``*``."""
+    m = re.fullmatch(r"\s*bytes\s+(?:\d+-\d+|\*)/(\d+)\s*", value or "")
+    return int(m.group(1)) if m else None
 
 
 class HttpSource:
@@ -392,6 +464,51 @@ def file_md5(path: Path, upto: int | None = None) -> Any:
     return md5
 
 
+def row_digests(data: Any, row_bytes: int) -> Any:
+    """SHA-256 of each ``row_bytes``-byte row of ``data`` (bytes-like, a whole number of rows): a (k, 32)
+    uint8 array, row i's digest in row i."""
+    import numpy as np
+
+    view = memoryview(data).cast("B")
+    if len(view) % int(row_bytes):
+        raise ValueError(f"{len(view)} bytes are not a whole number of {row_bytes}-byte rows")
+    k = len(view) // int(row_bytes)
+    out = np.empty((k, 32), dtype=np.uint8)
+    for i in range(k):
+        out[i] = np.frombuffer(hashlib.sha256(view[i * row_bytes:(i + 1) * row_bytes]).digest(), dtype=np.uint8)
+    return out
+
+
+def scan_rows(path: Path, data_offset: int, n_rows: int, row_bytes: int, block: int = 8 << 20) -> tuple[str, Any]:
+    """One pass over ``path``: the MD5 of the whole file (hex) and the SHA-256 of each of the ``n_rows`` rows
+    of ``row_bytes`` bytes that start at byte ``data_offset`` ((n_rows, 32) uint8). The MD5 runs in a second
+    thread (hashlib releases the GIL for large buffers), so that with a spare core the two hashes overlap."""
+    import numpy as np
+
+    md5 = hashlib.md5()
+    digests = np.zeros((int(n_rows), 32), dtype=np.uint8)
+    end = int(data_offset) + int(n_rows) * int(row_bytes)
+    row, row_hash, pos = 0, hashlib.sha256(), 0
+    with open(path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+        while chunk := f.read(block):
+            pending = pool.submit(md5.update, chunk)
+            view = memoryview(chunk)
+            lo, hi = max(pos, int(data_offset)), min(pos + len(chunk), end)
+            while lo < hi:
+                row_end = int(data_offset) + (row + 1) * int(row_bytes)
+                take = min(hi, row_end) - lo
+                row_hash.update(view[lo - pos:lo - pos + take])
+                lo += take
+                if lo == row_end:
+                    digests[row] = np.frombuffer(row_hash.digest(), dtype=np.uint8)
+                    row, row_hash = row + 1, hashlib.sha256()
+            pending.result()
+            pos += len(chunk)
+    if row != n_rows:
+        raise ValueError(f"{path}: ends after {row} of its {n_rows} rows (truncated)")
+    return md5.hexdigest(), digests
+
+
 class FetchState:
     """``<data root>/mdlib_fetch_state.json``: per local file (relative path) what was fetched and verified.
 
@@ -436,6 +553,20 @@ class FetchState:
         with self._lock:
             self.data["files"].pop(str(rel), None)
             self._save()
+
+    def invalidate(self, rel: str) -> None:
+        """Forget the stat recorded for ``rel``, so that the next run checks the file again instead of
+        trusting it (its damage was found but not yet mended)."""
+        with self._lock:
+            entry = self.data["files"].get(str(rel))
+            if entry is not None:
+                entry["stat"] = None
+                self._save()
+
+    def drop_part(self, rel: str) -> None:
+        with self._lock:
+            if self.data["parts"].pop(str(rel), None) is not None:
+                self._save()
 
     def part_etag(self, rel: str) -> str | None:
         with self._lock:
@@ -501,7 +632,9 @@ def download_file(store: S3Store, remote: RemoteObject, path: Path, rel: str, st
         part.unlink()
     if expected_size is not None and int(expected_size) != remote.size:
         raise FetchError(f"{store.url(remote.key)} has {remote.size} bytes but the manifest (data_manifest/"
-                         f"nsd.yaml) expects {expected_size}: a different version of the file? Check the manifest")
+                         f"nsd.yaml) expects {expected_size}: a different version of the file? If the bucket's "
+                         "is the right one, correct (or remove) the size of this key in the manifest and run the "
+                         "same command again; nothing was downloaded for it")
     transient = _transient_errors()
     received, failures, restarts = 0, 0, 0
     while True:
@@ -515,7 +648,7 @@ def download_file(store: S3Store, remote: RemoteObject, path: Path, rel: str, st
         try:
             with open(part, "ab") as out:
                 if have < remote.size:
-                    body = store.open_range(remote.key, have, etag=remote.etag)
+                    body = store.open_range(remote.key, have, etag=remote.etag, size=remote.size)
                     try:
                         for block in store.blocks(body):  # counted, and paced under a RateLimit
                             out.write(block)
@@ -525,9 +658,12 @@ def download_file(store: S3Store, remote: RemoteObject, path: Path, rel: str, st
                                 on_bytes(len(block))
                     finally:
                         body.close()
-        except SourceChangedError:
+        except SourceChangedError as err:
+            # the part holds bytes of the version HEAD described, which the bucket no longer has: useless
             part.unlink(missing_ok=True)
-            raise
+            state.drop_part(rel)
+            kept = f", {path} is untouched" if path.exists() else ""
+            raise err.with_discarded(f"the partial download {part} was discarded{kept}") from None
         except transient as err:
             failures += 1
             if failures > retries:

@@ -96,7 +96,8 @@ def subject_stimuli(subject: int) -> PurePosixPath:
 
     Written by ``mdlib fetch`` (ranged reads of the bucket's brick), not part of the bucket: dataset
     ``imgBrick`` (n, H, W, 3) uint8 with the subject's images (10,000 in NSD, about 5.4 GB instead of the
-    brick's 39.6 GB) and dataset ``nsd_ids`` (n,) int64, the 0-based nsdId of each row, ascending.
+    brick's 39.6 GB), dataset ``nsd_ids`` (n,) int64, the 0-based nsdId of each row, ascending, and dataset
+    ``row_sha256`` (n, 32) uint8, each row's SHA-256 (checked by ``mdlib fetch --verify``; docs/fetch.md).
     """
     return SUBJECT_STIMULI_DIR / f"{subj(subject)}_stimuli.hdf5"
 
