@@ -168,7 +168,8 @@ def _layout_keys(subject: int, sessions: range) -> set[str]:
             layout.anatomy_file(subject, "T1_to_func1pt8mm"), layout.anatomy_file(subject, "brainmask")}
     keys |= {layout.betas_file(subject, k, "hdf5") for k in sessions}
     keys |= {layout.roi_file(subject, a) for a in ("nsdgeneral", "prf-visualrois", "Kastner2015")}
-    keys |= {layout.roi_ctab(subject, a) for a in ("prf-visualrois", "Kastner2015")}
+    keys |= {layout.roi_ctab(subject, a) for a in ("nsdgeneral", "prf-visualrois", "Kastner2015")}
+    keys.add(layout.behav_responses(subject))
     return {str(k) for k in keys}
 
 
