@@ -125,7 +125,9 @@ def test_metrics_floors_and_sentences():
     assert np.isnan(floors.loc["a flat grey image", "PixCorr"]) and 0 <= floors.loc["a flat grey image", "SSIM"] < 1
     text = guidance.floor_sentence(t, floors)
     assert text.count("\n") == 3 and "published: PixCorr 1.00" in text
-    assert "stage 1: PCC 0.183" in guidance.paper_sentence()
+    text = guidance.paper_sentence()
+    assert text.startswith("The paper's numbers (its Table 2, subject 1, real NSD): ")
+    assert "stage 1, PCC 0.183 and SSIM 0.253; stage 1 + stage 2, PCC 0.278 and SSIM 0.354." in text
 
 
 def test_plot_change_shares_one_scale_with_a_colorbar():

@@ -48,7 +48,7 @@ def test_signal_sentence_gives_the_mix_and_the_strength():
     text = plots.signal_sentence(abar, 741, None, 70)
     a = abar[741]
     assert f"x = {a ** 0.5:.3f} z + {(1 - a) ** 0.5:.3f} noise" in text
-    assert "No `strength`" in text and "70 UNet passes" in text
+    assert "cannot do exactly this at any strength" in text and "70 UNet passes" in text
     assert "strength = 0.7." in plots.signal_sentence(abar, 681, 0.7, 70)
 
 
@@ -141,13 +141,19 @@ def test_ssim_and_published_sentences():
     from mdlib import evaluation
 
     pub = plots.published_sentence(evaluation.PUBLISHED)
-    assert "without control: SSIM 0.253, PCC 0.183" in pub and "without z: SSIM 0.292, PCC 0.066" in pub
+    assert pub.startswith("The paper's stage 1 (real NSD, subject 1, its Table 2): ")
+    assert "without control, SSIM 0.253 and PCC 0.183" in pub and "without z, SSIM 0.292 and PCC 0.066" in pub
 
 
 def test_seed_and_latent_sentences():
     text = plots.seed_sentence(0.2, 0.4, 0.3, n=8)
     assert "mean over the 8 images" in text
-    assert [line.split()[-1] for line in text.splitlines()[1:]] == ["0.20", "0.40", "0.30"]
+    lines = text.splitlines()
+    assert [line.split()[-1] for line in lines[1:4]] == ["0.20", "0.40", "0.30"]
+    assert len({line.rindex(" ") for line in lines[1:4]}) == 1                  # the numbers in one column
+    assert lines[4].startswith("Sharing the seed brings without z closer")
+    assert "does not bring" in plots.seed_sentence(0.4, 0.2, 0.3, n=8).splitlines()[-1]
+    assert len(plots.seed_sentence(float("nan"), 0.2, 0.3, n=8).splitlines()) == 4    # no objects: no verdict
     assert plots.latent_sentence({"a": 0.5, "b": 0.25}) == "Mean r with the stimulus' true z: a 0.500; b 0.250."
 
 
@@ -185,4 +191,5 @@ def test_trajectory_figure_runs_from_the_input_to_the_last_step():
     assert vae.get_ydata()[0] == pytest.approx(32)
     assert "grey levels" in ax.get_ylabel() and ax.get_xlabel().startswith("timestep t")
     text = plots.trajectory_sentence(dist, np.array([50.0, 60.0]), np.array([30.0, 34.0]))
-    assert "the UNet's input 55.0; VAE(decoded z) 32.0; x̂₀ at step 1 11.0, at step 2 4.5" in text
+    assert "the UNet's input 55.0; VAE(decoded z) 32.0; x̂₀ after step 1 11.0, after step 2 of 3 4.5." in text
+    assert text.splitlines()[1] == "The first step covers 80% of the way from the UNet's input to the final image."

@@ -390,8 +390,8 @@ def paper_sentence(published=None) -> str:
     from mdlib import evaluation
 
     rows = {p.method: p.values for p in (published or evaluation.PUBLISHED) if p.subjects == "1"}
-    return ("The paper (its Table 2, subject 1, real NSD): "
-            + "; ".join(f"{label}: PCC {rows[name]['PCC']:.3f}, SSIM {rows[name]['SSIM']:.3f}"
+    return ("The paper's numbers (its Table 2, subject 1, real NSD): "
+            + "; ".join(f"{label}, PCC {rows[name]['PCC']:.3f} and SSIM {rows[name]['SSIM']:.3f}"
                         for label, name in (("stage 1", "MindDiffuser, without control"),
                                             ("stage 1 + stage 2", "MindDiffuser, full"))) + ".")
 

@@ -77,7 +77,8 @@ def signal_sentence(alphas_cumprod, noise_timestep: int, strength: float | None,
            f"(ᾱ = {a:.3f}): the noise is {((1 - a) / a) ** 0.5:.1f} times as strong as z (z is scaled to about unit "
            f"variance, like the noise)."]
     if strength is None:
-        out.append("No `strength` of diffusers' img2img does exactly this: it always starts at the level it noises to.")
+        out.append("diffusers' img2img cannot do exactly this at any strength: it always starts sampling at the level "
+                   "it noises to.")
     else:
         out.append(f"diffusers' img2img does exactly this at strength = {strength:g}.")
     out.append(f"Each image costs {unet_passes} UNet passes.")
@@ -243,9 +244,9 @@ def ssim_sentence(table, condition: str = "decoded (z, c)", floor: str = "anothe
 def published_sentence(published: Sequence) -> str:
     """The paper's stage-1 numbers (:data:`mdlib.evaluation.PUBLISHED`, MindDiffuser's Table 2) in one line."""
     rows = {p.method: p.values for p in published}
-    parts = [f"{name.split(', ')[1]}: SSIM {rows[name]['SSIM']:.3f}, PCC {rows[name]['PCC']:.3f}"
+    parts = [f"{name.split(', ')[1]}, SSIM {rows[name]['SSIM']:.3f} and PCC {rows[name]['PCC']:.3f}"
              for name in ("MindDiffuser, without control", "MindDiffuser, without z") if name in rows]
-    return "The paper (real NSD, subject 1, Table 2) for stage 1: " + "; ".join(parts) + "."
+    return "The paper's stage 1 (real NSD, subject 1, its Table 2): " + "; ".join(parts) + "."
 
 
 def latent_sentence(latent_r: Mapping[str, float]) -> str:
@@ -258,12 +259,20 @@ def latent_sentence(latent_r: Mapping[str, float]) -> str:
 def seed_sentence(same: float, other: float, moved: float, n: int) -> str:
     """Where the blobs are, as distances between centroids of object pixels (:mod:`mdlib.placement`, in
     image sides): "without z" against "decoded (z, c)" with the same seed (``same``) and another seed
-    (``other``), and "decoded (z, c)" against itself with the other seed (``moved``)."""
-    return (f"Distance between the objects' centroids (mdlib.placement, in image sides; mean over the {n} images "
-            f"shown) and those of decoded (z, c) with the lesson's seed:\n"
-            f"  without z, the same seed:  {same:.2f}\n"
-            f"  without z, another seed:   {other:.2f}\n"
-            f"  decoded (z, c), another seed: {moved:.2f}")
+    (``other``), and "decoded (z, c)" against itself with the other seed (``moved``); then what the first
+    two say (no verdict when either is NaN: no objects found)."""
+    rows = [("without z, the same seed", same), ("without z, another seed", other),
+            ("decoded (z, c), another seed", moved)]
+    width = max(len(label) for label, _ in rows) + 1
+    lines = [f"Distance between the objects' centroids (mdlib.placement, in image sides; mean over the {n} images "
+             f"shown) and those of decoded (z, c) with the lesson's seed:"]
+    lines += [f"  {label + ':':<{width}} {value:.2f}" for label, value in rows]
+    if np.isfinite(same) and np.isfinite(other):
+        lines.append("Sharing the seed brings without z closer to decoded (z, c): the noise, not only z, places the blobs."
+                     if same < other else
+                     "Sharing the seed does not bring without z closer to decoded (z, c) here: the noise is not what "
+                     "places these blobs.")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- 5. the trajectory
@@ -329,12 +338,17 @@ def trajectory_frames(stimulus, vae_image, noised_image, estimates, final, times
 
 def trajectory_sentence(distance: np.ndarray, start: np.ndarray, vae: np.ndarray) -> str:
     """The mean RMS differences from the final image (grey levels) at the input, after the first step and
-    halfway through the steps, beside the decoded z's through the VAE."""
+    after the middle step, beside the decoded z's through the VAE; then the share of the way from the input
+    to the final image that the first step covers."""
     distance = np.atleast_2d(np.asarray(distance, dtype=float))
-    mid = distance.shape[1] // 2
-    return (f"RMS difference from the final image, mean over {len(distance)} images (grey levels, 0-255): "
-            f"the UNet's input {np.mean(start):.1f}; VAE(decoded z) {np.mean(vae):.1f}; x̂₀ at step 1 "
-            f"{distance[:, 0].mean():.1f}, at step {mid + 1} {distance[:, mid].mean():.1f}.")
+    steps, mid = distance.shape[1], distance.shape[1] // 2
+    s0, first = float(np.mean(start)), float(distance[:, 0].mean())
+    text = (f"RMS difference from the final image, mean over {len(distance)} images (grey levels, 0-255): "
+            f"the UNet's input {s0:.1f}; VAE(decoded z) {np.mean(vae):.1f}; x̂₀ after step 1 {first:.1f}, "
+            f"after step {mid + 1} of {steps} {distance[:, mid].mean():.1f}.")
+    if s0 > 0:
+        text += f"\nThe first step covers {(s0 - first) / s0:.0%} of the way from the UNet's input to the final image."
+    return text
 
 
 __all__ = ["COLOURS", "METHOD_ROWS", "latent_sentence", "mean_colour_images", "metrics_figure", "metrics_table", "published_sentence",
