@@ -84,6 +84,12 @@ def _kernel_environment():
         os.environ.update(saved)
 
 
+#: Arguments for the lessons' kernels: the kernel application logs errors only, so a terminal running the course
+#: does not show ipykernel's warning that a local kernel talks over TCP without encryption (papermill starts
+#: every kernel on 127.0.0.1); what the lessons print goes into the executed notebooks as before.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
 def run_notebook(nb: Path, out_dir: Path, parameters: Mapping[str, Any], kernel: str = "python3",
                  timeout: int | None = 1800, progress: bool = True) -> Path:
     """Execute one lesson with papermill, passing only the parameters it declares."""
@@ -95,7 +101,8 @@ def run_notebook(nb: Path, out_dir: Path, parameters: Mapping[str, Any], kernel:
     try:
         with _kernel_environment():
             pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=str(nb.parent),
-                                execution_timeout=timeout, progress_bar=progress, log_output=False)
+                                execution_timeout=timeout, progress_bar=progress, log_output=False,
+                                extra_arguments=KERNEL_ARGUMENTS)
     except pm.PapermillExecutionError as err:
         raise CourseError(
             f"lesson {nb.name} failed in cell {err.exec_count} ({err.ename}: {err.evalue}).\n"

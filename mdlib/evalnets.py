@@ -46,7 +46,7 @@ from mdlib.models import WeightsNotFoundError
 WEIGHT_POLICIES = ("auto", "pretrained", "random")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 #: How to get the pretrained files (said wherever a metric is left out for want of them).
-FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB; docs/fetch.md, \"Evaluation weights\")"
+FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB), as docs/fetch.md says under \"Evaluation weights\""
 #: Facebook's SwAV ResNet-50 (800 epochs), the file torch.hub's ``facebookresearch/swav:main`` loads.
 SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
 
@@ -289,8 +289,8 @@ class EvalNetworks:
         if key == "clip" and self.clip is not None:
             model = self.clip.visual
             dtype = self.clip.dtype
-            self.sources[key] = (f"{self.clip.source or 'a CLIP model'!r} ({self.clip.embed_dim}-d embedding) in place "
-                                 "of ViT-L/14: the CLIP and CLIP-cos columns are its numbers")
+            self.sources[key] = (f"{self.clip.source or 'a CLIP model'!r}, {self.clip.embed_dim}-d embedding, in place "
+                                 "of ViT-L/14.")
             self.pretrained[key] = True
         else:
             model, dtype = self._build(key)

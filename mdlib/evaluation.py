@@ -74,11 +74,11 @@ def header_text(protocol: str, sources: Mapping[str, str], left_out: Iterable[st
                      "compare rows of this table with each other, never with published numbers.")
     left_out = list(left_out)
     if left_out:
-        lines.append(f"LEFT OUT: {', '.join(left_out)} (no pretrained weights on this machine: {FETCH_HINT}).")
+        lines.append(f"LEFT OUT: {', '.join(left_out)}. No pretrained weights for them on this machine: {FETCH_HINT}.")
     named = list((labels or {}).values())
     if named:
-        lines.append(f"{' and '.join(named)}: a substitute for CLIP ViT-L/14 (below) computed these columns; "
-                     "they compare rows of this table, never published CLIP numbers.")
+        lines.append(f"{' and '.join(named)}: computed by a substitute for CLIP ViT-L/14 (named below); these "
+                     "columns compare rows of this table, never published CLIP numbers.")
     lines.append(protocol_note(protocol))
     lines += list(sources.values())
     lines.append(ssim_note(protocol))
@@ -210,10 +210,23 @@ def table(reports: Mapping[str, Report], view: str = "eight"):
     return df
 
 
+def _shown_table_class():
+    """pandas' Styler with a plain-text form: Jupyter keeps an output's ``text/plain`` beside its HTML, and a bare
+    Styler's is ``<pandas.io.formats.style.Styler at 0x...>``, which text views of a notebook would show."""
+    from pandas.io.formats.style import Styler
+
+    class ShownTable(Styler):
+        def __repr__(self) -> str:
+            caption = (self.caption or "").replace("<br>", "\n")
+            return (caption + "\n" if caption else "") + self.to_string(delimiter="  ")
+
+    return ShownTable
+
+
 def styled(df, caption: str | None = None):
     """A table for the notebook: identification as percent, the rest to 3 decimals, its header as caption, the
     columns of metrics left out (all empty) dropped, and columns relabelled where ``df.attrs["labels"]`` says
-    (a substitute CLIP's)."""
+    (a substitute CLIP's). A pandas Styler (HTML in Jupyter) whose ``repr`` is the same table as text."""
     def metric(column: str) -> str:          # "CLIP (tiny CLIP)" -> "CLIP"
         return str(column).split(" (")[0]
 
@@ -222,7 +235,7 @@ def styled(df, caption: str | None = None):
     formats = {c: ("{:.1f}%" if metric(c) in IDENTIFICATION else "{:.3f}") for c in numeric if c != "images"}
     text = caption if caption is not None else df.attrs.get("header", "")
     labels = df.attrs.get("labels", {})
-    return (df.style.format(formats, na_rep="").set_caption(text.replace("\n", "<br>"))
+    return (_shown_table_class()(df).format(formats, na_rep="").set_caption(text.replace("\n", "<br>"))
             .relabel_index([labels.get(c, c) for c in df.columns], axis=1))
 
 

@@ -123,7 +123,7 @@ def reconstruct_condition(condition: str, decoded, sd, clip, nsd_ids: Sequence[i
             z = None
         folder = Path(stage1_dir) / STAGE1_FOLDERS[condition] / stage1.run_tag(sd, cfg)
         out = stage1.img2img(sd, z, c, seeds, config=cfg, batch_size=bs, out_dir=folder, names=names,
-                                 progress=progress)
+                             progress=progress)
         return Reconstruction(condition, subject, ids, out.images, folder, nan, {})
 
     if clip is None:

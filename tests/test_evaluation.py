@@ -205,7 +205,7 @@ def test_auto_uses_a_local_file_and_never_downloads(tmp_path, monkeypatch, scene
         nets.load("effnet")                    # no file: no random weights, no download
     assert calls == [evalnets.weights_url("alexnet")]
     header = nets.header(["AlexNet(2)", "EffNet-B"])
-    assert header.startswith("LEFT OUT: EffNet-B (no pretrained weights on this machine")
+    assert header.startswith("LEFT OUT: EffNet-B. No pretrained weights for them on this machine")
     assert "AlexNet (256 px): pretrained" in header and "RANDOM" not in header
     report = evaluation.evaluate(scene_images[:3], scene_images[3:6], nets)
     assert set(report.values) == {"PixCorr", "SSIM", "PCC", "AlexNet(2)", "AlexNet(5)"}
@@ -394,9 +394,13 @@ def test_the_mini_path_puts_its_tiny_clip_in_the_clip_column(scene_images):
     np.testing.assert_allclose(report.per_image["CLIP"], 100 * metrics.two_way_identification(a, b), atol=1e-9)
     assert report.labels == {"CLIP": "CLIP (tiny CLIP)", "CLIP-cos": "CLIP-cos (tiny CLIP)"}
     df = evaluation.table({"r": report}, "all")
-    assert "CLIP (tiny CLIP) and CLIP-cos (tiny CLIP): a substitute for CLIP ViT-L/14" in df.attrs["header"]
+    assert "CLIP (tiny CLIP) and CLIP-cos (tiny CLIP): computed by a substitute for CLIP ViT-L/14" in df.attrs["header"]
     shown = evaluation.styled(df)
     assert "CLIP (tiny CLIP)" in shown.to_html()
+    # its text form (a notebook's text/plain) is the same table, formatted, under its header; no object address
+    text = repr(shown)
+    assert text.startswith(df.attrs["header"].splitlines()[0]) and " at 0x" not in text
+    assert "CLIP (tiny CLIP)" in text and f"{report.values['CLIP']:.1f}%" in text
     both = evaluation.beside_published(df, "mini")
     assert np.isnan(both.loc["r", "CLIP"]) and both.loc["r", "CLIP (tiny CLIP)"] == report.values["CLIP"]
     assert np.isnan(both.loc["MindEye", "CLIP (tiny CLIP)"]) and both.loc["MindEye", "CLIP"] == 94.3

@@ -5,6 +5,7 @@ simulated brain's ground truth), never copied from a previous run.
 """
 
 import json
+import re
 
 import nbformat
 import nibabel as nib
@@ -544,3 +545,4 @@ def test_executed_lessons_have_clean_outputs(lesson06_run):
                 assert not (o["output_type"] == "stream" and o["name"] == "stderr"), (where, "".join(o["text"])[:300])
                 text = "".join(o.get("data", {}).get("text/plain", ""))
                 assert not text.startswith(("PosixPath(", "<IPython.core.display.JSON")), (where, text[:100])
+                assert not re.search(r"<[\w.]+ (object )?at 0x[0-9a-f]+>", text), (where, text[:100])   # bare reprs
