@@ -22,6 +22,10 @@ Each can come from three *sources*, read through the same code path:
   and not cached, :class:`WeightsNotFoundError` says at once which command fetches them.
 - a local folder holding the same layout (a saved pipeline, an ``hf download --local-dir`` copy, a tiny set).
 
+:func:`write_random_hub_cache` writes stand-ins for the real models (their published configurations, random
+weights) into a Hugging Face cache, so that the model ids resolve offline: a rehearsal of the real path at full
+size without the download (docs/reconstruct.md).
+
 The tiny models (choices, documented once here):
 
 - images 64 px (``image_size``, a parameter; mini-NSD stimuli are 128 px), VAE with 3 levels, i.e. a
@@ -47,7 +51,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import gzip
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -597,13 +603,7 @@ def save_tiny_components(folder: str | os.PathLike, parts: dict[str, Any], recip
     write_clip_tokenizer(folder / "tokenizer")
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json", SD_V1_4_CONFIGS["scheduler"])
-    _write_json(folder / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-        "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-    })
+    _write_json(folder / "model_index.json", _sd_model_index(diffusers.__version__))
     clip_dir = folder / "clip"
     clip_dir.mkdir()
     clip_cfg = tiny_configs(image_size)["clip"]
@@ -619,6 +619,17 @@ def save_tiny_components(folder: str | os.PathLike, parts: dict[str, Any], recip
     n_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     _write_json(folder / _TINY_MARKER, {**recipe, "n_params": sizes, "bytes": n_bytes, "note": note})
     return folder
+
+
+def _sd_model_index(diffusers_version: str) -> dict[str, Any]:
+    """A ``StableDiffusionPipeline`` folder's ``model_index.json`` (no safety checker, as mdlib loads it)."""
+    return {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers_version,
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+        "safety_checker": [None, None], "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
 
 
 def _chmod_like_umask(folder: Path) -> None:
@@ -770,14 +781,14 @@ class SDModels:
     def __repr__(self) -> str:
         sizes = ", ".join(f"{n}={n_params(getattr(self, n)) / 1e6:.1f}M" for n in ("unet", "vae", "text_encoder"))
         return (f"SDModels(source={self.source!r}, image_size={self.image_size}, latent_shape={self.latent_shape}, "
-                f"vae_scale={self.vae_scale}, text_width={self.text_width}, device={self.device}, "
+                f"vae_scale={self.vae_scale:.6g}, text_width={self.text_width}, device={self.device}, "
                 f"dtype={self.dtype}, {sizes})")
 
 
 def load_sd(source: str | os.PathLike = "tiny", device: str | torch.device | None = None,
             dtype: torch.dtype | str | None = None, revision: str | None = None, *,
             local_files_only: bool | None = None, cache_dir: str | os.PathLike | None = None,
-            attention: str = "sdpa") -> SDModels:
+            attention: str = "sdpa", image_size: int | None = None) -> SDModels:
     """Stable Diffusion's VAE, UNet, text encoder, tokenizer and DDIM scheduler (lesson 04).
 
     Args:
@@ -793,10 +804,15 @@ def load_sd(source: str | os.PathLike = "tiny", device: str | torch.device | Non
         cache_dir: the Hugging Face cache; None: ``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or the default.
         attention: ``"sdpa"`` (PyTorch's scaled-dot-product attention, memory-efficient and the diffusers
             default) or ``"xformers"`` (needs the xformers package and CUDA).
+        image_size: sample images of this side in pixels instead of the model's own (512 for SD v1-4): the
+            UNet is convolutional and runs at any multiple of its down-sampling, so ``latent_shape`` becomes
+            (4, image_size / 8, image_size / 8). For rehearsals and previews (``mdlib reconstruct
+            --image-size``); SD v1-4 was trained at 512 px, and the published results are at that size.
 
     Raises:
         WeightsNotFoundError: the weights are not cached and cannot be downloaded now (offline); the message
             names the id and the ``hf download`` command that fetches them. Raised at once, never hangs.
+        ValueError: an ``image_size`` the model cannot sample (the message gives the multiple it needs).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -840,6 +856,14 @@ def load_sd(source: str | os.PathLike = "tiny", device: str | torch.device | Non
                                f"({type(err).__name__}: {err}); use attention='sdpa'") from err
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = int(unet.config.sample_size)
+    if image_size is not None and int(image_size) != latent * factor:
+        # the UNet halves the latent side at each of its down-sampling blocks but the last
+        step = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        if int(image_size) != image_size or image_size < step or image_size % step:
+            raise ValueError(f"image_size must be a positive multiple of {step} pixels for {label} (its VAE "
+                             f"divides by {factor}, its UNet by {step // factor}), got {image_size!r}")
+        latent = int(image_size) // factor
+        unet.register_to_config(sample_size=latent)   # the sampler reads the latent side from the config
     return SDModels(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                     image_size=latent * factor, latent_shape=(int(unet.config.in_channels), latent, latent),
                     vae_scale=float(vae.config.scaling_factor), device=device, dtype=dtype, source=label,
@@ -877,6 +901,197 @@ def sd_v1_4_architecture(device: str | torch.device = "meta", parts: Sequence[st
     return out
 
 
+# ------------------------------------------------------------------------------ random stand-ins in the hub cache
+
+#: Uniform numbers in the pool the random stand-ins' weights are cut from (:func:`write_random_hub_cache`).
+_POOL_SIZE = 2 ** 24
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+def write_random_hub_cache(cache_dir: str | os.PathLike, roles: Sequence[str] = ("stable_diffusion", "clip_vision"),
+                           seed: int = 0) -> dict[str, Path]:
+    """The real path's models as stand-ins with random weights, written into a Hugging Face cache offline.
+
+    Each role of :func:`model_manifest` (``stable_diffusion``: SD v1-4; ``clip_vision``: CLIP ViT-B/32 with
+    QuickGELU; ``clip_eval``: ViT-L/14) is built from its published configuration (:data:`SD_V1_4_CONFIGS`, SD
+    v1-4's tokenizer from CLIP's BPE file, open_clip's registry) with seeded random weights, and every file the
+    manifest lists is written as a download lays it out::
+
+        <cache_dir>/models--<owner>--<name>/refs/<revision>            the commit (a made-up hash of the seed,
+                                                                       or the manifest's, if it pins one)
+        <cache_dir>/models--<owner>--<name>/snapshots/<commit>/<file>   relative symlinks to the blobs
+        <cache_dir>/models--<owner>--<name>/blobs/<id>                   sha256 (weights) or git blob id
+
+    so that :func:`load_sd` and :func:`load_clip_vision` resolve the real ids with ``HF_HUB_OFFLINE=1``
+    (``HF_HUB_CACHE`` or ``cache_dir`` pointing here) exactly as they do after ``mdlib fetch --models``: a
+    rehearsal of the real path at full size without the download (docs/reconstruct.md, "A rehearsal without
+    the downloads"). The images it makes are noise; its shapes, memory and time are the real models'.
+
+    Weights: float32 safetensors written tensor by tensor (memory: one tensor at a time; disk: 4.3 GB for SD,
+    0.6 GB for ViT-B/32). Linear and convolution weights and biases are uniform in +-1/sqrt(fan_in) (PyTorch's
+    default initialisation), normalisation layers 1 and 0, the other parameters of scale 0.02. The values are
+    cut at random offsets from one seeded pool of 2^24 uniform numbers: a billion separate draws would cost
+    most of the time, and the stand-ins need no more randomness than that. Same seed, same bytes.
+
+    Returns ``{role: snapshot folder}``. An existing snapshot of the same commit is replaced.
+    """
+    cache = Path(cache_dir).expanduser()
+    out = {}
+    for role in roles:
+        entry = _manifest_entry(role)
+        rev = str(entry.get("revision") or "main")
+        pinned = len(rev) == 40 and all(ch in "0123456789abcdef" for ch in rev)
+        commit = rev if pinned else cache_key(f"mdlib random stand-in|{entry['id']}|{int(seed)}", n=40)
+        repo = cache / ("models--" + entry["id"].replace("/", "--"))
+        snapshot = repo / "snapshots" / commit
+        if snapshot.exists():
+            shutil.rmtree(snapshot)
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".mdlib-stand-in-", dir=repo))
+        try:
+            written = _write_stand_in_files(role, entry, staging, int(seed))
+            missing = [f for f in entry.get("files") or [] if f not in written]
+            if missing:
+                raise ValueError(f"the manifest's {role} entry lists {missing}, which write_random_hub_cache "
+                                 f"does not make (it writes {sorted(written)})")
+            for rel, blob_id in written.items():
+                blob = repo / "blobs" / blob_id
+                os.replace(staging / rel, blob)
+                link = snapshot / rel
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(os.path.relpath(blob, link.parent))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not pinned:
+            (repo / "refs").mkdir(exist_ok=True)
+            (repo / "refs" / rev).write_text(commit)
+        out[role] = snapshot
+    return out
+
+
+def hub_commit(folder: str | os.PathLike | None) -> str | None:
+    """The commit of a Hugging Face cache snapshot (``.../snapshots/<commit>``, or a file in one), else None."""
+    if folder is None:
+        return None
+    path = Path(folder)
+    for part in (path, *path.parents):
+        if part.parent.name == "snapshots" and part.parent.parent.name.startswith("models--"):
+            return part.name
+    return None
+
+
+def _write_stand_in_files(role: str, entry: dict[str, Any], folder: Path, seed: int) -> dict[str, str]:
+    """Write one role's files under ``folder`` (paths as in the hub repository); returns {path: blob id}."""
+    gen = torch.Generator().manual_seed(int.from_bytes(bytes.fromhex(cache_key(f"{seed}|{role}", n=16)), "little"))
+    pool = torch.rand(_POOL_SIZE, generator=gen) * 2.0 - 1.0
+    ids: dict[str, str] = {}
+
+    def weights(rel: str, module: torch.nn.Module) -> None:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        ids[rel] = _write_random_safetensors(folder / rel, module, pool, gen)
+
+    def text(rel: str, data: Any) -> None:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not isinstance(data, str):
+            data = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        (folder / rel).write_text(data, encoding="utf-8")
+
+    if role == "stable_diffusion":
+        import diffusers
+        import transformers
+
+        # the configs as published (only the keys the repository's files hold; the loaders fill in the rest)
+        parts = sd_v1_4_architecture("meta")
+        text("model_index.json", _sd_model_index(diffusers.__version__))
+        text("scheduler/scheduler_config.json", SD_V1_4_CONFIGS["scheduler"])
+        write_clip_tokenizer(folder / "tokenizer")
+        for name in ("unet", "vae"):
+            text(f"{name}/config.json", {"_class_name": type(parts[name]).__name__,
+                                         "_diffusers_version": diffusers.__version__, **SD_V1_4_CONFIGS[name]})
+            weights(f"{name}/diffusion_pytorch_model.safetensors", parts[name])
+        text("text_encoder/config.json", {"_name_or_path": "openai/clip-vit-large-patch14",
+                                          **SD_V1_4_CONFIGS["text_encoder"], "torch_dtype": "float32",
+                                          "transformers_version": transformers.__version__})
+        weights("text_encoder/model.safetensors", parts["text_encoder"])
+    elif entry.get("open_clip_name"):
+        import open_clip
+        from open_clip.model import CLIP
+
+        cfg = open_clip.get_model_config(entry["open_clip_name"])
+        if cfg is None:
+            raise ValueError(f"open_clip has no model {entry['open_clip_name']!r} (manifest role {role})")
+        with torch.device("meta"):
+            model = CLIP(**copy.deepcopy(cfg))
+        weights((entry.get("files") or ["open_clip_model.safetensors"])[0], model)
+    else:
+        raise ValueError(f"write_random_hub_cache cannot make the {role!r} role's files")
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in ids:
+            data = path.read_bytes()   # small files live in git, named by their git blob id
+            ids[rel] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return ids
+
+
+def _random_fill(owner: torch.nn.Module, local: str, like: torch.Tensor, pool: torch.Tensor, gen: torch.Generator,
+                 buffer: torch.Tensor) -> torch.Tensor:
+    """One tensor of a random stand-in (rules in :func:`write_random_hub_cache`), float32 (written into the
+    front of ``buffer``, reused from tensor to tensor) or, for index buffers, its own integer dtype."""
+    shape = tuple(like.shape)
+    n = like.numel()
+    if not like.dtype.is_floating_point:          # index buffers (position ids): 0, 1, 2, ... along the last axis
+        return torch.arange(shape[-1], dtype=like.dtype).expand(shape).contiguous()
+    out = buffer[:n]
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
+    if isinstance(owner, norms):
+        return out.fill_(1.0 if local == "weight" else 0.0).view(shape)
+    if local == "logit_scale":                      # CLIP's temperature, as initialised: log(1 / 0.07)
+        return out.fill_(math.log(1 / 0.07)).view(shape)
+    if isinstance(owner, (torch.nn.Linear, torch.nn.Conv2d)):
+        bound = 1.0 / math.sqrt(max(1, owner.weight[0].numel()))
+    elif local.endswith("bias"):
+        return out.zero_().view(shape)
+    else:                                           # embeddings, positions, projections: std 0.02
+        bound = 0.02 * math.sqrt(3.0)
+    start, done = int(torch.randint(_POOL_SIZE, (1,), generator=gen)), 0
+    while done < n:                                 # the pool, from a random offset, wrapping around
+        take = min(_POOL_SIZE - start, n - done)
+        torch.mul(pool[start:start + take], bound, out=out[done:done + take])
+        done, start = done + take, 0
+    return out.view(shape)
+
+
+def _write_random_safetensors(path: Path, module: torch.nn.Module, pool: torch.Tensor,
+                              gen: torch.Generator) -> str:
+    """A module's state dict (built on the meta device) as a safetensors file of random values, written one tensor
+    at a time; returns the file's sha256 (the hub's blob name for a weights file)."""
+    state = module.state_dict()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(state):
+        t = state[name]
+        dtype = t.dtype if not t.dtype.is_floating_point else torch.float32
+        size = t.numel() * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)                 # the data start 8-byte aligned
+    digest = hashlib.sha256()
+    buffer = torch.empty(max(t.numel() for t in state.values()))
+    with open(path, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head):
+            f.write(chunk)
+            digest.update(chunk)
+        for name in sorted(state):
+            owner_name, _, local = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            data = memoryview(_random_fill(owner, local, state[name], pool, gen, buffer).numpy()).cast("B")
+            f.write(data)
+            digest.update(data)
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------- CLIP
 
 @dataclass(repr=False)
@@ -892,6 +1107,8 @@ class ClipVision:
         normalization: ``"clip"`` (CLIP's own mean/std, the default) or ``"imagenet"`` (the released code's);
         mean, std: the corresponding per-channel values for images in [0, 1].
         device, dtype, source: where it lives, its precision, what was asked for.
+        weights, revision: the weights file read for a manifest CLIP (``"openai"``: in the hub cache, its
+            commit is :func:`hub_commit` of it) and the manifest's revision; None for tiny models and folders.
     Taught in lesson 05 (features in :func:`mdlib.features.clip_lowlevel_features`).
     """
 
@@ -907,6 +1124,8 @@ class ClipVision:
     device: torch.device
     dtype: torch.dtype
     source: str = ""
+    weights: Path | None = None
+    revision: str | None = None
     _fingerprint: str | None = None
 
     @property
@@ -973,6 +1192,7 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
     dtype = _resolve_dtype(dtype, device)
     normalization_stats(normalization)  # a bad name fails before any weights are read
     label = str(source)
+    weights = revision = None
     if label == "tiny":
         model = open_clip.create_model(f"local-dir:{tiny_models_dir() / 'clip'}")
     elif label == TRAINED_TINY:
@@ -980,6 +1200,7 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
     elif label == "openai":
         entry = _manifest_entry("clip_vision")
         weights = resolve_clip_weights("clip_vision", local_files_only, cache_dir)
+        revision = entry.get("revision") or "main"
         model = open_clip.create_model(entry.get("open_clip_name", "ViT-B-32-quickgelu"), pretrained=str(weights))
     else:
         folder = Path(source).expanduser()
@@ -989,7 +1210,9 @@ def load_clip_vision(source: str | os.PathLike = "tiny", device: str | torch.dev
             raise FileNotFoundError(f"{folder}: expected an open_clip folder (open_clip_config.json + weights), "
                                     f"or source='tiny' / 'tiny-trained' / 'openai'")
         model = open_clip.create_model(f"local-dir:{folder}")
-    return wrap_clip(model.to(device=device, dtype=dtype).eval().requires_grad_(False), normalization, label)
+    clip = wrap_clip(model.to(device=device, dtype=dtype).eval().requires_grad_(False), normalization, label)
+    clip.weights, clip.revision = weights, revision
+    return clip
 
 
 def wrap_clip(model: Any, normalization: str = "clip", source: str = "") -> ClipVision:

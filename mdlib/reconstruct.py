@@ -41,7 +41,9 @@ in that cache (``fcntl.flock``, released by the OS if its holder dies): the firs
 the cache, the others wait for the lock and then read the cache. Every process thus uses the same bytes,
 whatever its device, which is what makes the shards' union equal a one-process run; and it works without
 any rank being alive at the same time as another (job arrays). ``run.json`` holds a hash of the decoded
-features: a process that decoded something else (another data root, say) refuses to add to the folder.
+features: a process that decoded something else (another data root, say) refuses to add to the folder. A job
+can instead read them from a file (``--decoded``, :func:`save_decoded` / :func:`load_decoded`), checked against
+the models before anything is written (:func:`check_decoded`).
 
 **Progress.** Each process shows a bar over its shard and ends with a line for its shard; the first process
 adds one for the whole selection (:func:`summarize`: done, failed, remaining, images per hour).
@@ -80,7 +82,7 @@ if TYPE_CHECKING:  # the heavy modules are imported where they are used: `mdlib 
 
 
 #: Bump when the layout or meaning of a run folder changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: run.json records image_size and each model's revision and resolved commit
 MODES = ("published", "fast")
 RECORD, IMAGE, OUTPUTS, SETTINGS = "record.json", "image.png", "outputs.npz", "run.json"
 
@@ -192,6 +194,10 @@ class Job:
         config: the method's settings, every row of docs/method.md (:func:`mdlib.method.configure`: a variant
             on the job's preset; None: the default variant); its ``batch_size`` is not used (one image at a time), ``save_every`` is the
             published mode's state-saving period.
+        decoded: a file of decoded features (:func:`save_decoded`) to reconstruct from instead of decoding the
+            subject's betas ("": decode, :func:`decode`).
+        image_size: sample at this image side in pixels instead of the model's own (None), the decoded z resized
+            to the latent size (:func:`fit_latents`): rehearsals and previews (:func:`mdlib.models.load_sd`).
     """
 
     subject: int
@@ -205,6 +211,8 @@ class Job:
     dtype: str | None = None
     images: str = "test"
     config: MethodConfig | None = None
+    decoded: str | os.PathLike = ""
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -267,7 +275,7 @@ def load_models(job: Job, device) -> tuple:
     """(sd, clip) for the job on ``device``: clip is None for stage 1."""
     from mdlib import models
 
-    sd = models.load_sd(job.sd_source, device=device, dtype=job.dtype)
+    sd = models.load_sd(job.sd_source, device=device, dtype=job.dtype, image_size=job.image_size)
     clip = None
     if job.stage == 2:
         clip = models.load_clip_vision(job.clip_source, device=sd.device, dtype=job.dtype,
@@ -307,15 +315,147 @@ def file_lock(path: str | os.PathLike, waiting: str = "", busy: str | None = Non
 def decode(job: Job, sd, clip, device=None, progress: bool = True, shard: Shard | None = None):
     """The subject's decoded features (:func:`mdlib.decoding.decode_features`), one process at a time: under
     :func:`file_lock` on ``<data root>/mdlib_cache/locks/decode_subjNN.lock``, so the first process decodes and
-    caches, the others read its cache."""
+    caches, the others read its cache. A job with a ``decoded`` file reads that file instead (:func:`load_decoded`)."""
     from mdlib import decoding
 
+    if job.decoded:
+        return load_decoded(job.decoded)
     cfg, root = job.config, job.root
     lock = paths.cache_dir(root) / "locks" / f"decode_subj{int(job.subject):02d}.lock"
     who = f"rank {shard.rank}: " if shard is not None and shard.world > 1 else ""
     with file_lock(lock, f"{who}waiting for another process decoding subject {job.subject} ({lock})"):
         return decoding.decode_features(root, job.subject, sd, clip, families=job.families, device=device,
                                         progress=progress, **cfg.decode_kwargs())
+
+
+# ------------------------------------------------------------------------------------ decoded features in a file
+
+#: The ``params`` entry's ``format`` in a file of decoded features (:func:`save_decoded`).
+DECODED_FORMAT = "mdlib.decoded"
+
+
+def save_decoded(path: str | os.PathLike, decoded) -> Path:
+    """Write a subject's decoded features (:class:`mdlib.decoding.Decoded`) to one ``.npz`` that ``mdlib
+    reconstruct --decoded`` reads (atomically; no pickles). Arrays:
+
+    - ``nsd_ids`` (n,) int64: the test images (0-based nsdIds);
+    - each family's predictions under its name: ``z`` (n, 4, 64, 64) for SD v1-4, ``c`` (n, n_tokens - 1, 768)
+      without the BOS row (:func:`mdlib.features.drop_bos`), ``clip_block1`` ... ``clip_block6`` (n, 50, 768) and
+      ``clip_embedding`` (n, 512) for ViT-B/32;
+    - ``score_<family>`` (features,): the selection score of each feature, flattened (stage 2 keeps the best
+      ``--keep`` share of each block by it; :mod:`mdlib.selection`), where known;
+    - ``params``: JSON, how they were made (``select_by`` chooses the selection rule).
+    """
+    arrays = {"nsd_ids": np.asarray(decoded.nsd_ids, dtype=np.int64)}
+    for fam, value in decoded.pred.items():
+        arrays[fam] = np.asarray(value, dtype=np.float32)
+        if fam in decoded.score:
+            arrays[f"score_{fam}"] = np.asarray(decoded.score[fam], dtype=np.float64).ravel()
+    arrays["params"] = np.array(json.dumps({**to_jsonable(decoded.params), "format": DECODED_FORMAT}))
+    path = Path(path).expanduser()
+    write_npz_atomic(path, **arrays)
+    return path
+
+
+def load_decoded(path: str | os.PathLike):
+    """The features of a :func:`save_decoded` file as :class:`mdlib.decoding.Decoded` (rows sorted by nsdId; no
+    true features; a CLIP block without scores gets NaN ones, which only ``keep = 1`` accepts).
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is wrong in it; whether the shapes
+    fit the models is :func:`check_decoded`'s business."""
+    from mdlib.decoding import Decoded
+
+    path = Path(path).expanduser()
+    where = f"--decoded {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file (write one with mdlib.reconstruct.save_decoded; "
+                                "docs/reconstruct.md, \"Decoded features from a file\")")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: not a readable .npz file ({err})") from None
+    try:
+        params = json.loads(str(arrays.pop("params"))) if "params" in arrays else {}
+    except ValueError as err:
+        raise ValueError(f"{where}: its 'params' entry is not JSON ({err})") from None
+    ids = arrays.pop("nsd_ids", None)
+    if ids is None or ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{where}: needs 'nsd_ids', the distinct integer nsdIds of its rows (n,)")
+    scores = {k[len("score_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("score_")}
+    unknown = [k for k in arrays if not re.fullmatch(r"z|c|clip_block\d+|clip_embedding", k)]
+    if unknown:
+        raise ValueError(f"{where}: unknown entries {unknown}; expected nsd_ids, z, c, clip_block<k>, clip_embedding, "
+                         "score_<family> and params")
+    wrong = {k: v.shape for k, v in arrays.items() if v.ndim < 2 or len(v) != len(ids)}
+    if wrong:
+        raise ValueError(f"{where}: {len(ids)} nsd_ids but entries of shapes {wrong}: one row per image")
+    order = np.argsort(ids, kind="stable")
+    pred = {k: np.asarray(v[order], dtype=np.float32) for k, v in arrays.items()}
+    for fam in pred:
+        size = int(np.prod(pred[fam].shape[1:]))
+        score = scores.get(fam)
+        if score is not None and score.size != size:
+            raise ValueError(f"{where}: score_{fam} has {score.size} values for {size} features")
+        if fam.startswith("clip_block"):
+            scores[fam] = np.full(size, np.nan) if score is None else score.astype(np.float64).ravel()
+    return Decoded(nsd_ids=ids[order].astype(np.int64), pred=pred, true={}, score=scores, params=params)
+
+
+def check_decoded(job: Job, decoded, sd, clip=None) -> None:
+    """Raise a ``ValueError`` naming the source (``--decoded`` file) and each problem when decoded features do
+    not fit the job: z (n, 4, h, w) with the model's latent side (any side with ``--image-size``), c (n, n_tokens
+    - 1, width), and for stage 2 the CLIP blocks (n, tokens, width), the embedding (n, dim) and, unless
+    ``--keep 1``, each block's selection scores."""
+    where = f"--decoded {job.decoded}" if job.decoded else "the decoded features"
+    cfg, pred, problems = job.config, decoded.pred, []
+
+    def shape(fam: str) -> tuple:
+        return tuple(np.shape(pred[fam])[1:])
+
+    for fam in ("z", "c"):
+        if fam not in pred:
+            problems.append(f"no {fam}")
+    if "z" in pred:
+        want = tuple(sd.latent_shape)
+        fits = shape("z") == want if not job.image_size else len(shape("z")) == 3 and shape("z")[0] == want[0]
+        if not fits:
+            problems.append(f"z is {shape('z')}, the model needs {want}"
+                            + ("" if job.image_size else " (or pass --image-size to sample at another size)"))
+    if "c" in pred and shape("c") != (cfg.n_tokens - 1, sd.text_width):
+        problems.append(f"c is {shape('c')}, needs ({cfg.n_tokens - 1}, {sd.text_width}): --n-tokens {cfg.n_tokens} "
+                        "less the BOS row, by the text encoder's width")
+    if job.stage == 2:
+        blocks = sorted((k for k in pred if k.startswith("clip_block")), key=lambda k: int(k[len("clip_block"):]))
+        if not blocks:
+            problems.append("no clip_block<k> features (stage 2 needs them)")
+        for fam in blocks:
+            if not 1 <= int(fam[len("clip_block"):]) <= clip.n_blocks or shape(fam) != (clip.n_tokens, clip.width):
+                problems.append(f"{fam} is {shape(fam)}, CLIP has {clip.n_blocks} blocks of ({clip.n_tokens}, "
+                                f"{clip.width})")
+            elif cfg.keep < 1 and np.isnan(decoded.score.get(fam, np.array([np.nan]))).all():
+                problems.append(f"no score_{fam}: stage 2 keeps the best-decoded {cfg.keep:g} of each block's "
+                                "features by these scores (give them, or --keep 1 to keep every feature)")
+        if "clip_embedding" in pred and shape("clip_embedding") != (clip.embed_dim,):
+            problems.append(f"clip_embedding is {shape('clip_embedding')}, CLIP's is ({clip.embed_dim},)")
+    if problems:
+        raise ValueError(f"{where} does not fit {job.sd_source}"
+                         + (f" and {job.clip_source}" if job.stage == 2 else "") + ": " + "; ".join(problems))
+
+
+def fit_latents(z: np.ndarray, latent_shape: Sequence[int]) -> np.ndarray:
+    """Decoded latents (n, 4, h, w) resized to ``latent_shape`` (4, H, W) (``--image-size``): averaged over
+    areas when shrinking (each latent position covers 8 x 8 pixels, so this is the latent of a smaller image,
+    approximately), bilinear when growing; unchanged when they fit."""
+    import torch
+    import torch.nn.functional as F
+
+    z = np.asarray(z, dtype=np.float32)
+    size = tuple(int(s) for s in latent_shape[1:])
+    if z.shape[2:] == size:
+        return z
+    mode = "area" if z.shape[2] >= size[0] else "bilinear"
+    return F.interpolate(torch.from_numpy(z), size=size, mode=mode).numpy()
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -341,15 +481,25 @@ def run_settings(job: Job, sd, clip, decoded) -> dict:
         "mode": job.mode if job.stage == 2 else None, "seed": cfg.seed, "sampler": cfg.sampler.as_dict(),
         "method": method.describe(cfg),
         "decoded_sha256": _digest({f: decoded.pred[f] for f in families}),
-        "test_ids": [int(i) for i in np.sort(decoded.nsd_ids)],
+        "test_ids": [int(i) for i in np.sort(decoded.nsd_ids)], "image_size": sd.image_size,
         "models": {"unet": sd.fingerprint("unet"), "vae": sd.fingerprint("vae"),
-                   "text_encoder": sd.fingerprint("text_encoder"), "dtype": str(sd.dtype).replace("torch.", "")},
+                   "text_encoder": sd.fingerprint("text_encoder"), "dtype": str(sd.dtype).replace("torch.", ""),
+                   "sd": _provenance(sd.source, sd.revision, sd.folder)},
     }
     if job.stage == 2:
         settings["stage2"] = {"mode": job.mode, **cfg.loss_kwargs(), "clip_normalization": cfg.clip_normalization,
                               **dataclasses.asdict(cfg.published if job.mode == "published" else cfg.fast)}
         settings["models"]["clip"] = clip.fingerprint()
+        settings["models"]["clip_model"] = _provenance(clip.source, clip.revision, clip.weights)
     return json.loads(json.dumps(to_jsonable(settings)))
+
+
+def _provenance(source: str, revision: str | None, path) -> dict:
+    """Where a model came from: what was asked for, the hub revision, and the commit it resolved to in the
+    Hugging Face cache (None for tiny models and folders)."""
+    from mdlib.models import hub_commit
+
+    return {"source": str(source), "revision": revision, "commit": hub_commit(path)}
 
 
 def open_run(folder: str | os.PathLike, settings: dict) -> Path:
@@ -358,6 +508,10 @@ def open_run(folder: str | os.PathLike, settings: dict) -> Path:
     path = folder / SETTINGS
     if path.is_file():
         old = json.loads(path.read_text())
+        if old.get("version") != settings.get("version"):
+            raise ValueError(f"{folder} was made by another version of mdlib reconstruct ({path}: format version "
+                             f"{old.get('version')}, this one writes {settings.get('version')}): use another --out, "
+                             "or delete that folder to start over")
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(f"{folder} holds images made with other settings ({', '.join(diff)} differ; see "
@@ -421,6 +575,8 @@ def reconstruct_image(job: Job, sd, clip, decoded, row: int, seed: int, state_di
     cfg = job.config
     part = slice(row, row + 1)
     z, c = decoded.pred["z"][part], decoded.pred["c"][part]
+    if job.image_size:
+        z = fit_latents(z, sd.latent_shape)
     _check_finite("decoded z", z)
     _check_finite("decoded c", c)
     if job.stage == 1:
@@ -510,6 +666,7 @@ def run(job: Job, shard: Shard | None = None, device: str | None = None, *, retr
         sd, clip = load_models(job, pick_device(device, shard))
     if decoded is None:
         decoded = decode(job, sd, clip, device=sd.device, progress=progress and shard.rank == 0, shard=shard)
+    check_decoded(job, decoded, sd, clip)
     ids = select_images(decoded.nsd_ids, job.images)
     settings = run_settings(job, sd, clip, decoded)
     folder = open_run(job.folder, settings)
@@ -749,6 +906,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda or cuda:N (default: cuda:$LOCAL_RANK when CUDA is available, else cpu)")
     p.add_argument("--dtype", default=None, help="the models' dtype: float32 (default), float16, bfloat16")
     p.add_argument("--retry-failed", action="store_true", help="redo the images recorded as failed")
+    p.add_argument("--decoded", default="",
+                   help="reconstruct from this file of decoded features (.npz written by "
+                        "mdlib.reconstruct.save_decoded) instead of decoding the subject's betas")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="sample at this image side in pixels (SD v1-4: a multiple of 64) instead of the model's "
+                        "512, the decoded z resized to fit: rehearsals and previews, not the published setting")
     g = p.add_argument_group("what to do instead of reconstructing")
     g.add_argument("--gather", action="store_true",
                    help="build the results table (CSV + JSON) from the records and run the evaluation metrics")
@@ -820,7 +983,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
     config = _configure(args.variant, args.preset, **rows)
     return Job(subject=args.subject, stage=args.stage, mode=args.mode or "published", out=args.out,
                data_root=args.data_root, preset=args.preset, sd_model=args.sd_model, clip_model=args.clip_model,
-               dtype=args.dtype, images=args.images, config=config)
+               dtype=args.dtype, images=args.images, config=config, decoded=args.decoded, image_size=args.image_size)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -848,6 +1011,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("give both --rank and --world-size")
         shard = Shard(args.rank, args.world_size, shard.local_rank, "--rank/--world-size")
     if args.decode_only:
+        if job.decoded:
+            raise ValueError("--decode-only decodes the subject's betas; with --decoded there is nothing to decode")
         sd, clip = load_models(job, pick_device(args.device, shard))
         decoded = decode(job, sd, clip, device=sd.device, progress=progress, shard=shard)
         print(f"decoded subject {job.subject}: {decoded}")

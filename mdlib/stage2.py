@@ -623,19 +623,77 @@ def saved_for_backward(*modules: torch.nn.Module):
     Tensors saved inside a checkpointed region (:meth:`mdlib.sampler.DDIMSampler.sample` with
     ``checkpoint=True``) are not kept (checkpoint's own hooks drop them and the backward pass recomputes them),
     so they do not count: exactly the memory checkpointing saves; what remains per step is one latent. Exact
-    and machine-independent, unlike a peak-memory reading (``benchmarks/bench_stage2.py``, lesson 05)."""
-    weights = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    and machine-independent, unlike a peak-memory reading (``benchmarks/bench_stage2.py``, lesson 05). Works
+    on fake tensors too (``torch._subclasses.FakeTensorMode``: shapes without memory), so that the account of
+    the full-size models at 512 px needs no RAM (``benchmarks/bench_memory.py``). Under autocast the
+    half-precision copies of the weights that operations save count: they are not the weights' storages."""
+    weights = {_storage_key(p) for m in modules for p in m.parameters()}
     storages: dict[int, int] = {}
     meter = {"bytes": 0, "tensors": 0}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in weights:
-            storages[st.data_ptr()] = st.nbytes()
-            meter["bytes"], meter["tensors"] = sum(storages.values()), len(storages)
+        key = _storage_key(t)
+        if key not in weights and key not in storages:
+            storages[key] = t.untyped_storage().nbytes()
+            meter["bytes"] += storages[key]
+            meter["tensors"] = len(storages)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield meter
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    """A tensor's storage identity (its ``StorageImpl``), shared by its views. Not the data pointer: fake and
+    meta tensors have none (all 0)."""
+    return t.untyped_storage()._cdata
+
+
+@contextlib.contextmanager
+def live_memory():
+    """The memory that tensors made inside take, over time: ``with live_memory() as m: ...``; ``m["peak"]`` is
+    the most bytes alive at any moment (forward and backward passes alike), ``m["now"]`` those still alive.
+
+    Counts every storage an operation creates, from that operation until the storage is freed (views and
+    in-place results of an existing storage add nothing); what existed before (weights, inputs) and constants
+    made from Python values (``torch.tensor(t)``: they exist before an operation sees them) are not counted.
+    Exact for the operations run, on real or fake tensors (full size without the memory:
+    ``benchmarks/bench_memory.py``). A GPU adds what this cannot see: the CUDA context, the caching
+    allocator's rounding and fragmentation, library workspaces (docs/reconstruct.md, "GPU memory")."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    meter = {"peak": 0, "now": 0}
+    sizes: dict[int, int] = {}
+    constants = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+
+    def free(key: int) -> None:
+        meter["now"] -= sizes.pop(key)
+
+    class _Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in constants:   # a fake mode's copy of a real constant: real tensors have none
+                return out
+            inputs = {_storage_key(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                st = t.untyped_storage()
+                key = st._cdata
+                if key in sizes or key in inputs:
+                    continue
+                sizes[key] = st.nbytes()
+                meter["now"] += sizes[key]
+                meter["peak"] = max(meter["peak"], meter["now"])
+                # storages keep their Python object while the C++ one lives (autograd's saved tensors included),
+                # so this runs when the memory is freed
+                weakref.finalize(st, free, key)
+            return out
+
+    with _Track():
         yield meter
 
 

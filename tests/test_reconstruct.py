@@ -335,6 +335,11 @@ def test_image_selection_and_settings_guard(tmp_path, capsys):
     reconstruct.open_run(tmp_path, {"seed": 0, "sampler": {"num_steps": 50}})
     with pytest.raises(ValueError, match=r"other settings \(sampler differ"):
         reconstruct.open_run(tmp_path, {"seed": 0, "sampler": {"num_steps": 10}})
+    # a folder of an older run.json format is refused as such, whatever else differs
+    reconstruct.open_run(tmp_path / "old", {"version": 1, "seed": 0})
+    with pytest.raises(ValueError, match=rf"another version of mdlib reconstruct .*format version 1, this one "
+                                         rf"writes {reconstruct.FORMAT_VERSION}\): use another --out"):
+        reconstruct.open_run(tmp_path / "old", {"version": reconstruct.FORMAT_VERSION, "seed": 0})
     # the published mode's lr: the preset's (lessons 05-06: 0.05 for the mini path's 10 iterations), or --lr
     import argparse
 
