@@ -1,7 +1,8 @@
 # The two commands a newcomer needs (see README.md):
 #   make demo   set up .venv, write mini-NSD, run every lesson on the mini path
 #   make test   set up .venv, run the whole test suite (lessons included)
-# Other targets: make lab (open the course in JupyterLab), make setup, make clean.
+# Other targets: make lab (open the course in JupyterLab), make book (the course as a website, from the lessons
+# `make demo` executed: _build/book/index.html; docs/book.md), make setup, make clean.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,14 +15,17 @@ export MPLBACKEND := Agg
 # Idle OpenMP threads sleep instead of spinning against numpy's BLAS threads (see mdlib/__init__.py).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test lab clean
+# Extra options for `make lab` (the browser tests pass --no-browser, a port and a token).
+LAB_ARGS ?=
+
+.PHONY: setup demo test lab book clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,book]"
 	@touch $(STAMP)
 	@echo "environment ready: $(VENV)"
 
@@ -31,8 +35,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Figures in JupyterLab need matplotlib's inline backend, not the Agg exported above for headless runs.
+lab: export MPLBACKEND := module://matplotlib_inline.backend_inline
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
+
+# The executed lessons are `make demo`'s; it runs first when they are missing or older than the lessons' code.
+book: $(STAMP)
+	@$(PY) book/build.py --check || $(MAKE) demo
+	$(PY) book/build.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache _build test-artifacts

@@ -15,6 +15,19 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Browser tests run last: they build the course site from the lessons the notebook tests executed."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)   # a stable sort
+
+
+@pytest.fixture(scope="session")
+def executed_lessons():
+    """Where this session's lesson runs left their work: tests/test_notebooks.py sets ``folder`` (the six
+    executed lessons) and ``data_root`` (their mini-NSD); tests/test_browser.py reads them instead of running
+    the lessons again."""
+    return {}
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

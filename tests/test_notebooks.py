@@ -61,10 +61,11 @@ LESSON_06_SMOKE = {"N_IMAGES": 16, "SUBJECTS": [SUBJECT, OTHER_SUBJECT], "ADVANC
 
 
 @pytest.fixture(scope="module")
-def lesson06_run(course_run, mini_root):
+def lesson06_run(course_run, mini_root, executed_lessons):
     out, _ = course_run
     summary = course.run_course("mini", data_root=mini_root, out=out, only=["06"], parameters=LESSON_06_SMOKE,
                                 progress=False)
+    executed_lessons.update(folder=out, data_root=mini_root)   # all six lessons: the browser tests build on them
     return out, summary
 
 

@@ -17,7 +17,7 @@ def _norm(name: str) -> str:
 
 def _pyproject_requirements() -> dict[str, Requirement]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = list(meta["dependencies"]) + list(meta["optional-dependencies"]["dev"])
+    reqs = list(meta["dependencies"]) + [r for group in meta["optional-dependencies"].values() for r in group]
     return {_norm(r.name): r for r in map(Requirement, reqs)}
 
 
