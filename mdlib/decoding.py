@@ -151,9 +151,9 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
         raise ValueError(f"subject {subject}: {len(train)} training and {len(test)} test images in sessions "
                          f"{betas.sessions}: too few to decode")
     X = betas.responses
-    mu, sd_x = _mean_sd(X[train])
+    mu, sd_x = voxel_mean_sd(X[train])
     # "test": the released code (Reconstruction.py line 311) z-scores the test set with its own statistics
-    mu_t, sd_t = _mean_sd(X[test]) if standardize == "test" else (mu, sd_x)
+    mu_t, sd_t = voxel_mean_sd(X[test]) if standardize == "test" else (mu, sd_x)
     X_train, X_test = (X[train] - mu) / sd_x, (X[test] - mu_t) / sd_t
     groups = sorted({"clip" if f.startswith("clip_") else f for f in families})
     targets = features.extract_targets(data_root, betas.nsd_ids, sd, clip, targets=groups, n_tokens=n_tokens,
@@ -212,8 +212,9 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
     return out
 
 
-def _mean_sd(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each voxel's mean and sd (ddof 0) over the rows; a constant voxel gets sd 1 (it stays 0 once centred)."""
+def voxel_mean_sd(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each voxel's mean and sd (ddof 0) over the rows of (n, voxels) ``X``; a constant voxel gets sd 1 (it stays 0
+    once centred). The statistics every standardisation of voxels uses (here and in :mod:`mdlib.transfer`)."""
     mu, sd = X.mean(0), X.std(0)
     sd[sd == 0] = 1.0
     return mu, sd

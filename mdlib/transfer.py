@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mdlib.decoding import voxel_mean_sd
 from mdlib.progress import bar as progress_bar
 from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
 
@@ -329,9 +330,7 @@ def _positions(sorted_ids: np.ndarray, ids, what: str) -> np.ndarray:
 def standardize(X: np.ndarray, by: np.ndarray) -> np.ndarray:
     """``X`` with each voxel centred and scaled by its mean and sd (ddof 0) over the rows ``by`` (a constant
     voxel: sd 1), float32: lesson 03's ``standardize="train"``, with ``by`` the images a method is fitted on."""
-    by = np.asarray(by, dtype=np.float64)
-    mu, sd = by.mean(0), by.std(0)
-    sd[sd == 0] = 1.0
+    mu, sd = voxel_mean_sd(np.asarray(by, dtype=np.float64))
     return ((np.asarray(X, dtype=np.float64) - mu) / sd).astype(np.float32)
 
 
