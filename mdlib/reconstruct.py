@@ -7,6 +7,8 @@ own seed (:func:`mdlib.sampler.image_seed` of its nsdId, never of the process), 
 its own::
 
     <out>/subjNN/<tag>/                  tag: stage1, stage2-published or stage2-fast
+    <out>/subjNN/<transfer>/<tag>/       a new subject decoded from its first sessions (``--transfer``):
+        ../decoded.npz                   its decoded features, shared by both stages (docs/new_subject.md)
         run.json                         the settings every image here is made with (checked on every start)
         <nsdId>/image.png                the reconstruction
         <nsdId>/outputs.npz              latents (4, h, w), z (the optimised one in published mode), loss (per
@@ -43,7 +45,9 @@ whatever its device, which is what makes the shards' union equal a one-process r
 any rank being alive at the same time as another (job arrays). ``run.json`` holds a hash of the decoded
 features: a process that decoded something else (another data root, say) refuses to add to the folder. A job
 can instead read them from a file (``--decoded``, :func:`save_decoded` / :func:`load_decoded`), checked against
-the models before anything is written (:func:`check_decoded`).
+the models before anything is written (:func:`check_decoded`). A new subject with only its first sessions
+(``--transfer``, :class:`TransferSpec`) is decoded once in the same way, by :mod:`mdlib.transfer` under a
+lock, into ``decoded.npz`` beside the stages' folders (:func:`decode_transfer`).
 
 **Progress.** Each process shows a bar over its shard and ends with a line for its shard; the first process
 adds one for the whole selection (:func:`summarize`: done, failed, remaining, images per hour).
@@ -181,6 +185,45 @@ def select_images(test_ids: Sequence[int], spec: str = "test") -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------ job
 
+#: The methods of ``--transfer`` (:data:`mdlib.transfer.METHODS`, repeated here so that building the parser
+#: imports no torch; a test checks they agree).
+TRANSFER_METHODS = ("align", "shared", "scratch", "full")
+
+
+@dataclass(frozen=True)
+class TransferSpec:
+    """A new subject decoded from its first sessions instead of all of them (``mdlib reconstruct --transfer``;
+    docs/new_subject.md): the method, the first ``sessions`` sessions (only their first ``n_trials`` trials
+    if given) and the reference subjects (empty: the papers' subjects other than the new one)."""
+
+    method: str = "shared"
+    sessions: int = 1
+    n_trials: int | None = None
+    references: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in TRANSFER_METHODS:
+            raise ValueError(f"--transfer must be one of {', '.join(TRANSFER_METHODS)}, got {self.method!r}")
+        if isinstance(self.sessions, bool) or int(self.sessions) != self.sessions or self.sessions < 1:
+            raise ValueError(f"--sessions is the number of the new subject's first sessions (>= 1), "
+                             f"got {self.sessions!r}")
+        if self.n_trials is not None and (int(self.n_trials) != self.n_trials or self.n_trials < 1):
+            raise ValueError(f"--trials must be >= 1, got {self.n_trials!r}")
+        object.__setattr__(self, "references", tuple(int(r) for r in self.references))
+
+    @property
+    def tag(self) -> str:
+        """The folder name, e.g. ``shared-ses1-from1.5.7`` (``-tr375`` with a number of trials; no ``-from`` for
+        the methods that use no reference, ``scratch`` and ``full``)."""
+        trials = f"-tr{self.n_trials}" if self.n_trials else ""
+        refs = f"-from{'.'.join(map(str, self.references))}" if self.uses_references else ""
+        return f"{self.method}-ses{self.sessions}{trials}{refs}"
+
+    @property
+    def uses_references(self) -> bool:
+        return self.method in ("align", "shared")
+
+
 @dataclass(frozen=True)
 class Job:
     """What to reconstruct and how (the arguments of ``mdlib reconstruct``).
@@ -198,6 +241,8 @@ class Job:
             subject's betas ("": decode, :func:`decode`).
         image_size: sample at this image side in pixels instead of the model's own (None), the decoded z resized
             to the latent size (:func:`fit_latents`): rehearsals and previews (:func:`mdlib.models.load_sd`).
+        transfer: decode the subject from its first sessions with :mod:`mdlib.transfer` (:class:`TransferSpec`;
+            its references filled in); None: from all its data, as MindDiffuser does.
     """
 
     subject: int
@@ -213,6 +258,7 @@ class Job:
     config: MethodConfig | None = None
     decoded: str | os.PathLike = ""
     image_size: int | None = None
+    transfer: TransferSpec | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -225,10 +271,27 @@ class Job:
         if self.config.preset != self.preset:
             raise ValueError(f"the job's preset is {self.preset!r} but its config was made for "
                              f"{self.config.preset!r}: build it with mdlib.method.configure(variant, {self.preset!r})")
+        if self.transfer is not None:
+            if self.decoded:
+                raise ValueError("--decoded and --transfer both say where the decoded features come from: give one")
+            if not self.transfer.uses_references:
+                object.__setattr__(self, "transfer", dataclasses.replace(self.transfer, references=()))
+            elif not self.transfer.references:   # the papers' subjects other than the new one
+                from mdlib.nsd.layout import FULL_SUBJECTS
+
+                refs = tuple(r for r in FULL_SUBJECTS if r != int(self.subject))
+                object.__setattr__(self, "transfer", dataclasses.replace(self.transfer, references=refs))
+            if int(self.subject) in self.transfer.references:
+                raise ValueError(f"--from: subject {self.subject} is the new subject and cannot be its own reference")
 
     @property
     def tag(self) -> str:
         return "stage1" if self.stage == 1 else f"stage2-{self.mode}"
+
+    @property
+    def label(self) -> str:
+        """The stage, and with ``transfer`` its folder name: what progress lines and summaries say."""
+        return f"{self.tag}, {self.transfer.tag}" if self.transfer else self.tag
 
     @property
     def root(self) -> Path:
@@ -237,7 +300,8 @@ class Job:
     @property
     def folder(self) -> Path:
         base = Path(self.out).expanduser() if self.out else paths.home() / "runs" / "reconstruct" / self.preset
-        return base / f"subj{int(self.subject):02d}" / self.tag
+        subject = base / f"subj{int(self.subject):02d}"
+        return (subject / self.transfer.tag if self.transfer else subject) / self.tag
 
     @property
     def sd_source(self) -> str:
@@ -320,12 +384,57 @@ def decode(job: Job, sd, clip, device=None, progress: bool = True, shard: Shard 
 
     if job.decoded:
         return load_decoded(job.decoded)
+    if job.transfer is not None:
+        return decode_transfer(job, sd, clip, device, progress, shard)
     cfg, root = job.config, job.root
     lock = paths.cache_dir(root) / "locks" / f"decode_subj{int(job.subject):02d}.lock"
     who = f"rank {shard.rank}: " if shard is not None and shard.world > 1 else ""
     with file_lock(lock, f"{who}waiting for another process decoding subject {job.subject} ({lock})"):
         return decoding.decode_features(root, job.subject, sd, clip, families=job.families, device=device,
                                         progress=progress, **cfg.decode_kwargs())
+
+
+def decode_transfer(job: Job, sd, clip, device=None, progress: bool = True, shard: Shard | None = None):
+    """The new subject's decoded features by ``job.transfer`` (:func:`mdlib.transfer_data.decode_new_subject`),
+    computed once under a lock and kept in ``<folder>/../decoded.npz`` with every family, so that stages 1 and
+    2 read the same file (stage 1 loads the CLIP model for it); a file made with other settings or models is
+    computed again and replaced."""
+    from mdlib import models
+    from mdlib.transfer_data import decode_new_subject
+
+    spec, cfg = job.transfer, job.config
+    if clip is None:
+        clip = models.load_clip_vision(job.clip_source, device=sd.device, dtype=job.dtype,
+                                       normalization=cfg.clip_normalization)
+    path = job.folder.parent / "decoded.npz"
+    made_with = {"subject": int(job.subject), "method": spec.method, "sessions": int(spec.sessions),
+                 "n_trials": spec.n_trials, "references": list(spec.references), "data_root": str(job.root),
+                 "method_config": cache_key(cfg.decode_kwargs()),
+                 "sd": [sd.fingerprint("vae"), sd.fingerprint("text_encoder")], "clip": clip.fingerprint()}
+    who = f"rank {shard.rank}: " if shard is not None and shard.world > 1 else ""
+    with file_lock(path.with_suffix(".lock"), f"{who}waiting for another process decoding {path}"):
+        if path.is_file():
+            decoded = load_decoded(path)
+            if decoded.params.get("made_with") == made_with:     # the same settings and models
+                return decoded
+        decoded, _ = decode_new_subject(job.root, job.subject, spec.method, sessions=spec.sessions,
+                                        n_trials=spec.n_trials, references=spec.references, sd=sd,
+                                        clip=clip, config=cfg, device=device, progress=progress)
+        decoded.params["made_with"] = made_with
+        save_decoded(path, decoded)
+        return load_decoded(path)     # what every other process will read: the same bytes
+
+
+def transfer_sentence(params: Mapping) -> str:
+    """What a new subject's decoded features were made from, in one sentence (``params`` of
+    :meth:`mdlib.transfer.TransferResult.decoded`)."""
+    p = params
+    ses = p["sessions"]
+    where = f"session {ses[0]}" if len(ses) == 1 else f"sessions {', '.join(map(str, ses))}"
+    pairs = (f", {p['n_align']} of them shown to references {', '.join(map(str, p['references']))} too (the "
+             "alignment pairs)") if p["method"] in ("align", "shared") else ""
+    return (f"method {p['method']!r} from {p['n_trials']} trials of {where}: {p['n_hour_images']} images{pairs}; "
+            f"{p['n_test']} test images (the shared images the subject saw outside those trials)")
 
 
 # ------------------------------------------------------------------------------------ decoded features in a file
@@ -703,7 +812,7 @@ def _run_shard(job, shard, folder, settings, ids, mine, rows, sd, clip, decoded,
     for old in folder.glob(".old-*"):     # a replaced attempt whose removal a kill interrupted: always garbage
         shutil.rmtree(old, ignore_errors=True)
     bar = progress_bar(total=len(mine), initial=len(mine) - len(todo), position=shard.local_rank, unit="image",
-                       desc=f"subj{int(job.subject):02d} {job.tag} rank {shard.rank}/{shard.world}",
+                       desc=f"subj{int(job.subject):02d} {job.label} rank {shard.rank}/{shard.world}",
                        progress=progress, dynamic_ncols=True)
     done = failed = 0
     t_start = time.perf_counter()
@@ -780,7 +889,7 @@ def summarize(folder: str | os.PathLike, ids: Sequence[int]) -> dict:
 
 
 def format_summary(s: dict, job: Job | None = None, others_running: bool = False) -> str:
-    head = f"subject {job.subject}, {job.tag}: " if job is not None else ""
+    head = f"subject {job.subject}, {job.label}: " if job is not None else ""
     text = f"{head}{s['images']} images: {s['done']} done, {s['failed']} failed, {s['remaining']} remaining"
     if s["images_per_hour"]:
         n = s["processes"]
@@ -867,7 +976,7 @@ def gather(job: Job, metrics: Sequence[str] | None = ("PixCorr", "SSIM"), eval_w
         rows.append(row)
     table = pd.DataFrame(rows).set_index("nsd_id")
     means = {} if report is None else dict(report.values)
-    header = (f"mdlib reconstruct: subject {job.subject}, {job.tag}, {len(done)} of {len(ids)} images done"
+    header = (f"mdlib reconstruct: subject {job.subject}, {job.label}, {len(done)} of {len(ids)} images done"
               + ("" if report is None else "\n" + report.header))
     result = {"subject": int(job.subject), "tag": job.tag, "images": [int(i) for i in ids], "summary": status,
               "protocol": protocol, "left_out": [] if report is None else report.left_out, "metrics": means,
@@ -912,6 +1021,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="sample at this image side in pixels (SD v1-4: a multiple of 64) instead of the model's "
                         "512, the decoded z resized to fit: rehearsals and previews, not the published setting")
+    t = p.add_argument_group("a new subject from its first sessions (docs/new_subject.md)")
+    t.add_argument("--transfer", choices=TRANSFER_METHODS, default=None,
+                   help="decode the subject from its first --sessions only: shared (a space shared by the "
+                        "references, fitted to the subject), align (alignment to the references), scratch (ridge "
+                        "on those sessions) or full (all its training images, for comparison)")
+    t.add_argument("--sessions", type=int, default=1, help="with --transfer: the subject's first N sessions (default 1)")
+    t.add_argument("--trials", type=int, default=None, help="with --transfer: only the first N trials of them")
+    t.add_argument("--from", dest="references", type=int, nargs="+", default=None, metavar="SUBJECT",
+                   help="with --transfer: the reference subjects (default: 1, 2, 5, 7 less --subject)")
     g = p.add_argument_group("what to do instead of reconstructing")
     g.add_argument("--gather", action="store_true",
                    help="build the results table (CSV + JSON) from the records and run the evaluation metrics")
@@ -981,9 +1099,18 @@ def job_from_args(args: argparse.Namespace) -> Job:
     rows["fast_scale"] = args.fast_scale
     rows["fast_through_unet"] = False if args.fast_eps_constant else None
     config = _configure(args.variant, args.preset, **rows)
+    transfer = None
+    if args.transfer:
+        if args.last_session:
+            raise ValueError("--last-session limits the sessions of the full-data decoders; with --transfer the "
+                             "subject's data is its first --sessions")
+        transfer = TransferSpec(args.transfer, args.sessions, args.trials, tuple(args.references or ()))
+    elif args.references is not None or args.trials is not None or args.sessions != 1:
+        raise ValueError("--sessions, --trials and --from go with --transfer METHOD (docs/new_subject.md)")
     return Job(subject=args.subject, stage=args.stage, mode=args.mode or "published", out=args.out,
                data_root=args.data_root, preset=args.preset, sd_model=args.sd_model, clip_model=args.clip_model,
-               dtype=args.dtype, images=args.images, config=config, decoded=args.decoded, image_size=args.image_size)
+               dtype=args.dtype, images=args.images, config=config, decoded=args.decoded, image_size=args.image_size,
+               transfer=transfer)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1016,6 +1143,8 @@ def main(args: argparse.Namespace) -> int:
         sd, clip = load_models(job, pick_device(args.device, shard))
         decoded = decode(job, sd, clip, device=sd.device, progress=progress, shard=shard)
         print(f"decoded subject {job.subject}: {decoded}")
+        if job.transfer is not None:
+            print(transfer_sentence(decoded.params))
         return 0
     out = run(job, shard, args.device, retry_failed=args.retry_failed, progress=progress)
     mine = out["shard"]

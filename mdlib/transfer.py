@@ -568,6 +568,16 @@ class SpaceDecoder:
             raise RuntimeError("SpaceDecoder is not fitted: call fit(X, Y) first")
         return self.space.reconstruct(self.ridge_.predict(X))
 
+    def loo_r2(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """(t,) each feature's leave-one-out R^2 on the images it was fitted on (``X``, ``Y`` of :meth:`fit`):
+        every image's coordinates predicted without it (:func:`loo_predictions`, the fitted alphas), then
+        mapped back to the features. Stage 2's selection score (:meth:`TransferResult.decoded`)."""
+        if self.ridge_ is None:
+            raise RuntimeError("SpaceDecoder is not fitted: call fit(X, Y) first")
+        L = loo_predictions(X, self.space.project(Y), self.ridge_.alpha_, self.ridge_.device)
+        r2 = _r2(np.asarray(Y, dtype=np.float64), self.space.reconstruct(L).astype(np.float64))
+        return np.where(np.isfinite(r2), r2, np.nan)       # a constant feature: NaN, as lesson 03's cv_r2
+
 
 def loo_predictions(X: np.ndarray, Y: np.ndarray, alpha, device=None, chunk: int = 4096) -> np.ndarray:
     """(n, t) float32: each image's features predicted by the ridge fitted on the other images (leave-one-out).
@@ -626,11 +636,14 @@ class ReferenceModels:
             training images' statistics; coefficients kept: p x t float32 each), for ``"align"``.
         space: the :class:`SharedSpace` fitted on their leave-one-out predictions, for ``"shared"`` (None if
             not asked for).
+        loo_r2: reference -> (t,) each feature's leave-one-out R^2 on its training images (its decoder's
+            ``cv_mse_``), for ``"align"``'s selection score.
     """
 
     family: str
     decoders: dict
     space: SharedSpace | None = None
+    loo_r2: dict = field(default_factory=dict)
 
 
 def fit_references(references: Mapping[int, tuple[Responses, Responses]], targets: TargetTable,
@@ -648,18 +661,19 @@ def fit_references(references: Mapping[int, tuple[Responses, Responses]], target
     out = {}
     bar = progress_bar(total=len(families) * len(references), desc="references", unit="fit", progress=progress)
     for f in families:
-        decoders, Yt, Yp = {}, [], []
+        decoders, r2, Yt, Yp = {}, {}, [], []
         for r, (train, _) in references.items():
             _check_rows(len(train.nsd_ids), f"reference {r}'s training images")
             X_r = standardize(train.X, train.X)
             Y_r = targets.get(f, train.nsd_ids)
             decoders[r] = _ridge(alphas, device).fit(X_r, Y_r)
+            r2[r] = _cv_r2(decoders[r], Y_r)
             if shared:
                 Yt.append(Y_r)
                 Yp.append(loo_predictions(X_r, Y_r, decoders[r].alpha_, device))
             bar.update(1)
         space = SharedSpace(n_components, max_components).fit(Yt, Yp) if shared else None
-        out[f] = ReferenceModels(family=f, decoders=decoders, space=space)
+        out[f] = ReferenceModels(family=f, decoders=decoders, space=space, loo_r2=r2)
     bar.close()
     return out
 
@@ -693,6 +707,10 @@ class TransferResult:
         true: family -> (n_test, t) float32 true features of ``split.test_ids``.
         pred: method -> family -> (n_test, t) float32 predictions.
         r: method -> family -> (t,) Pearson r per target across the test images (NaN: constant target).
+        score: method -> family -> (t,) float64 each feature's leave-one-out R^2 on the data the method learned
+            from, never on the test images: stage 2 keeps the best-scored features of each CLIP block by it
+            (``"scratch"``, ``"full"``: their ridge's; ``"shared"``: :meth:`SpaceDecoder.loo_r2` on the hour;
+            ``"align"``: the mean over references of their decoders' own, on their training images).
         spaces: family -> the fitted :class:`SharedSpace` (method ``"shared"``).
         n_align: the alignment pairs used (method ``"align"``).
         params: how it was run (JSON-able).
@@ -706,6 +724,7 @@ class TransferResult:
     true: dict[str, np.ndarray]
     pred: dict[str, dict[str, np.ndarray]]
     r: dict[str, dict[str, np.ndarray]]
+    score: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     spaces: dict[str, SharedSpace] = field(default_factory=dict)
     n_align: int = 0
     params: dict = field(default_factory=dict)
@@ -720,7 +739,9 @@ class TransferResult:
         return pd.DataFrame({fam: {m: float(stat(self.r[m][fam])) for m in self.methods} for fam in self.families})
 
     def decoded(self, method: str):
-        """One method's predictions as a :class:`mdlib.decoding.Decoded`, the input of stage 1 (lesson 04)."""
+        """One method's predictions as a :class:`mdlib.decoding.Decoded`, the input of stages 1 and 2 (lessons
+        04-05; :func:`mdlib.reconstruct.save_decoded`): its ``score`` is the method's :attr:`score`, its
+        ``params["select_by"]`` ``"loo-r2"``."""
         from mdlib.decoding import Decoded
 
         if method not in self.pred:
@@ -730,7 +751,8 @@ class TransferResult:
                        pred={f: self.pred[method][f].reshape(n, *self.shapes[f]) for f in self.families},
                        true={f: self.true[f].reshape(n, *self.shapes[f]) for f in self.families},
                        r={f: self.r[method][f] for f in self.families},
-                       params={**self.params, "method": method})
+                       cv_r2={f: self.score[method][f] for f in self.score.get(method, {})},
+                       params={**self.params, "method": method, "select_by": "loo-r2"})
 
     def __repr__(self) -> str:
         med = self.table()
@@ -800,6 +822,7 @@ def compare(split: TransferSplit, inputs: TransferInputs, targets: TargetTable, 
     X_hour, X_test = standardize(X_hour_raw, X_hour_raw), standardize(X_test_raw, X_hour_raw)
     true = {f: targets.get(f, test_ids) for f in families}
     pred: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    score: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     steps = progress_bar(total=len(families) * len(methods), desc="new subject", unit="fit", progress=progress)
 
     aligned = {}
@@ -813,21 +836,26 @@ def compare(split: TransferSplit, inputs: TransferInputs, targets: TargetTable, 
         if "align" in methods:
             acc = sum(np.asarray(references[f].decoders[r].predict(aligned[r]), dtype=np.float64) for r in refs)
             pred["align"][f] = (acc / len(refs)).astype(np.float32)
+            score["align"][f] = np.mean([references[f].loo_r2[r] for r in refs], axis=0)
             steps.update(1)
         if "shared" in methods:
-            pred["shared"][f] = SpaceDecoder(references[f].space, alphas, device).fit(
-                X_hour, targets.get(f, split.hour_ids)).predict(X_test)
+            Y_hour = targets.get(f, split.hour_ids)
+            space_decoder = SpaceDecoder(references[f].space, alphas, device).fit(X_hour, Y_hour)
+            pred["shared"][f] = space_decoder.predict(X_test)
+            score["shared"][f] = space_decoder.loo_r2(X_hour, Y_hour)
             steps.update(1)
         if "scratch" in methods:
-            pred["scratch"][f] = _fit_predict(X_hour, targets.get(f, split.hour_ids), X_test, alphas, device)
+            pred["scratch"][f], score["scratch"][f] = _fit_predict(X_hour, targets.get(f, split.hour_ids), X_test,
+                                                                   alphas, device)
             steps.update(1)
         if "full" in methods:
             full = inputs.full
             _check_rows(len(full.nsd_ids), f"subject {split.subject}'s training images")
             if np.isin(full.nsd_ids, test_ids).any():
                 raise ValueError("inputs.full holds test images: the 'full' decoder must not be fitted on them")
-            pred["full"][f] = _fit_predict(standardize(full.X, full.X), targets.get(f, full.nsd_ids),
-                                           standardize(X_test_raw, full.X), alphas, device)
+            pred["full"][f], score["full"][f] = _fit_predict(standardize(full.X, full.X),
+                                                             targets.get(f, full.nsd_ids),
+                                                             standardize(X_test_raw, full.X), alphas, device)
             steps.update(1)
     steps.close()
     r = {m: {f: pearson_per_target(true[f], pred[m][f]) for f in families} for m in methods}
@@ -837,13 +865,26 @@ def compare(split: TransferSplit, inputs: TransferInputs, targets: TargetTable, 
               "alphas": [float(a) for a in np.atleast_1d(alphas)]}
     spaces = {f: references[f].space for f in families} if "shared" in methods else {}
     return TransferResult(split=split, families=families, shapes={f: targets.shape(f) for f in families},
-                          true=true, pred=pred, r=r, spaces=spaces,
+                          true=true, pred=pred, r=r, score=score, spaces=spaces,
                           n_align=int(split.align_ids.size) if "align" in methods else 0, params=params,
                           reference_models=dict(references) if uses_refs else {})
 
 
-def _fit_predict(X, Y, X_test, alphas, device) -> np.ndarray:
-    return np.asarray(_ridge(alphas, device).fit_predict(X, Y, X_test), dtype=np.float32)
+def _fit_predict(X, Y, X_test, alphas, device) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge fitted on (X, Y): the predictions of X_test (float32) and each target's leave-one-out R^2."""
+    dec = _ridge(alphas, device)
+    pred = np.asarray(dec.fit_predict(X, Y, X_test), dtype=np.float32)
+    return pred, _cv_r2(dec, Y)
+
+
+def _cv_r2(decoder: RidgeDecoder, Y) -> np.ndarray:
+    """(t,) float64 leave-one-out R^2 of each target of a fitted leave-one-out ridge: 1 - cv_mse / var(Y) (NaN
+    for a constant target), the score lesson 03's decoders select stage 2's features by
+    (:attr:`mdlib.decoding.Decoded.cv_r2`)."""
+    var = np.asarray(Y, dtype=np.float64).var(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(var > 0, 1.0 - np.asarray(decoder.cv_mse_, dtype=np.float64) / np.where(var > 0, var, 1.0),
+                        np.nan)
 
 
 def _compact(sessions) -> str:

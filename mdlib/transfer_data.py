@@ -147,4 +147,40 @@ def run(data_root: PathLike, subject: int, *, sessions: Iterable[int] | None = N
     return result
 
 
-__all__ = ["hour_responses", "load_inputs", "load_targets", "needed_ids", "run"]
+def default_references(subject: int) -> list[int]:
+    """The reference subjects when none are given: the papers' four subjects (those with all 40 sessions:
+    1, 2, 5 and 7) other than ``subject``."""
+    from mdlib.nsd.layout import FULL_SUBJECTS
+
+    return [s for s in FULL_SUBJECTS if s != int(subject)]
+
+
+def decode_new_subject(data_root: PathLike, subject: int, method: str = "shared", *, sessions: int = 1,
+                       n_trials: int | None = None, references: Sequence[int] | None = None, sd=None, clip=None,
+                       config=None, compare_with: Sequence[str] = (), device=None, progress: bool = True):
+    """A new subject's test images decoded by one method from its first ``sessions`` sessions (``mdlib
+    transfer``, ``mdlib reconstruct --transfer``; docs/new_subject.md).
+
+    Args:
+        method: one of :data:`mdlib.transfer.METHODS`. sessions: the new subject's first N sessions.
+        n_trials: only the first N trials of them (None: all). references: None: :func:`default_references`.
+        sd, clip: the models whose features are decoded (every family of both: what stages 1 and 2 read).
+        compare_with: other methods run on the same test images, for the table (e.g. ``["scratch"]``).
+
+    Returns ``(decoded, result)``: the method's :class:`mdlib.decoding.Decoded` (with its selection scores,
+    for :func:`mdlib.reconstruct.save_decoded`) and the whole :class:`mdlib.transfer.TransferResult`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(sessions, bool) or int(sessions) != sessions or sessions < 1:
+        raise ValueError(f"sessions is the number of the new subject's first sessions (>= 1), got {sessions!r}")
+    refs = default_references(subject) if references is None else list(references)
+    methods = [m for m in METHODS if m == method or m in set(compare_with)]
+    result = run(data_root, subject, sessions=range(1, int(sessions) + 1), n_trials=n_trials,
+                 references=refs if {"align", "shared"} & set(methods) else (), sd=sd, clip=clip, config=config,
+                 methods=methods, device=device, progress=progress)
+    return result.decoded(method), result
+
+
+__all__ = ["decode_new_subject", "default_references", "hour_responses", "load_inputs", "load_targets",
+           "needed_ids", "run"]

@@ -342,6 +342,49 @@ def test_compare_runs_every_method_on_the_same_test_images(world):
     assert "test images" in repr(res)
 
 
+def test_each_method_scores_its_features_on_its_own_training_data_only(world):
+    """Stage 2's selection score: each method's leave-one-out R^2 where it learned, never on the test images,
+    checked against refits without each image (sklearn's Ridge at the fitted alphas)."""
+    from sklearn.linear_model import Ridge
+
+    design, targets, responses = world
+    split = transfer.transfer_split(design, 2, sessions=[1, 2], references=[1, 5])
+    inputs = make_inputs(split, design, responses)
+    res = transfer.compare(split, inputs, targets, alphas=ALPHAS, device="cpu", progress=False)
+    Xh_raw = inputs.hour.take(split.hour_ids)
+    Xh, Yh = transfer.standardize(Xh_raw, Xh_raw).astype(np.float64), targets.get("f", split.hour_ids)
+
+    def loo_r2(X, Y, alpha, after=lambda P: P):
+        """Refit without each image (alpha per target), map back with ``after``, R^2 per feature."""
+        P = np.empty((len(X), np.shape(Y)[1]))
+        for i in range(len(X)):
+            keep = np.arange(len(X)) != i
+            P[i] = Ridge(alpha=alpha, solver="svd").fit(X[keep], Y[keep]).predict(X[i:i + 1])[0]
+        P = after(P)
+        return 1 - ((Yh - P) ** 2).sum(0) / ((Yh - Yh.mean(0)) ** 2).sum(0)
+
+    dec = RidgeDecoder(alphas=ALPHAS, device="cpu", progress=False).fit(Xh, Yh)
+    np.testing.assert_allclose(res.score["scratch"]["f"], loo_r2(Xh, Yh, dec.alpha_), rtol=1e-4, atol=1e-4)
+    space = res.spaces["f"]
+    sdec = transfer.SpaceDecoder(space, ALPHAS, "cpu").fit(Xh, Yh)
+    want = loo_r2(Xh, space.project(Yh).astype(np.float64), sdec.ridge_.alpha_, space.reconstruct)
+    np.testing.assert_allclose(res.score["shared"]["f"], want, rtol=1e-4, atol=1e-4)
+    refs = res.reference_models["f"]
+    np.testing.assert_allclose(res.score["align"]["f"], (refs.loo_r2[1] + refs.loo_r2[5]) / 2)
+    assert res.score["full"]["f"].shape == (30,) and np.all(res.score["full"]["f"] > 0)
+    # nothing of the test images goes into a score: other test responses, the same scores
+    other = transfer.TransferInputs(hour=inputs.hour, full=inputs.full, references=inputs.references,
+                                    test=transfer.Responses(inputs.test.X[::-1].copy(), inputs.test.nsd_ids))
+    res2 = transfer.compare(split, other, targets, alphas=ALPHAS, device="cpu", progress=False,
+                            references=res.reference_models)
+    for m in res.methods:
+        np.testing.assert_array_equal(res2.score[m]["f"], res.score[m]["f"])
+    # the decoded features carry the score and the rule, as lesson 03's do: stage 2 can select by them
+    d = res.decoded("shared")
+    np.testing.assert_array_equal(d.score["f"], res.score["shared"]["f"])
+    assert d.params["select_by"] == "loo-r2"
+
+
 def test_compare_errors(world):
     design, targets, responses = world
     split = transfer.transfer_split(design, 2, sessions=[1], references=[1])
