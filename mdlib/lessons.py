@@ -79,11 +79,24 @@ ADVANCED: Mapping[str, Mapping[str, Setting]] = MappingProxyType({
                    "empty: $MDLIB_DATA/runs"),
         dtype=("", "the models' dtype; empty: float32"),
     ),
+    "07": _settings(
+        variant=("mdlib", "the method's rows (the features decoded, the sampler): 'mdlib', 'released' or 'paper' "
+                          "(docs/method.md)"),
+        families=([], "feature families decoded, e.g. ['z', 'c'] (stage 1 needs both); empty: z, c and every CLIP "
+                      "family (on NSD each costs memory: docs/new_subject.md, 'Using it')"),
+        protocol=("mdlib", "how images reach the metrics: 'mdlib', 'mindeye' or 'braindiffuser' "
+                           "(docs/evaluation.md)"),
+        eval_weights=("auto", "'auto': evaluation networks whose pretrained files are here, the others left out; "
+                              "'pretrained' downloads them"),
+        batch_size=(8, "images per UNet batch in stage 1 (no effect on the images: each has its own seed)"),
+        out_dir=("", "where the stage-1 images go (resumable); empty: $MDLIB_DATA/runs/transfer/"
+                     "<preset>_<variant>_subjNN_s<sessions>_refs<references>"),
+    ),
 })
 
 
 def settings(lesson: str, advanced: Mapping[str, Any] | None = None) -> SimpleNamespace:
-    """The advanced settings of ``lesson`` ("01" ... "06"): its defaults, with ``advanced`` (a dict of
+    """The advanced settings of ``lesson`` ("01" ... "07"): its defaults, with ``advanced`` (a dict of
     ``name: value``, names as in :data:`ADVANCED`) applied. Unknown names raise a ``KeyError`` that lists the
     known ones; ``None`` values keep the default."""
     known = _lesson(lesson)

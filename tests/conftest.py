@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def executed_lessons():
-    """Where this session's lesson runs left their work: tests/test_notebooks.py sets ``folder`` (the six
+    """Where this session's lesson runs left their work: tests/test_notebooks.py sets ``folder`` (the
     executed lessons) and ``data_root`` (their mini-NSD); tests/test_browser.py reads them instead of running
     the lessons again."""
     return {}

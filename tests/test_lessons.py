@@ -13,8 +13,8 @@ def test_settings_merge_and_refuse(monkeypatch):
     assert vars(lessons.settings("99")) == {"batch_size": 4, "protocol": "mdlib"}
     with pytest.raises(KeyError, match="no advanced setting 'batchsize'; known: batch_size, protocol"):
         lessons.settings("99", {"batchsize": 8})
-    with pytest.raises(KeyError, match="no lesson '07'"):
-        lessons.settings("07")
+    with pytest.raises(KeyError, match="no lesson '08'"):
+        lessons.settings("08")
     t = lessons.table("99")
     assert list(t.index) == ["batch_size", "protocol"] and t.loc["batch_size", "default"] == "4"
 
