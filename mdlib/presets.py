@@ -99,6 +99,9 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
             # 10 iterations stand in for 300 on a CPU; a 5x larger step lets them move z as far
             # (benchmarks/README.md, bench_stage2.py part 3).
             "iterations": 10, "lr_scale": 5.0,
+            # The tiny models' activations over 35 steps take a few MB: keeping them costs nothing, while
+            # checkpointing would run every step's forward pass twice (benchmarks/README.md, bench_levers.py).
+            "checkpoint": False,
             # FastL2LiR's voxel counts were chosen for 11,694 voxels: keep the same share of mini's fewer.
             "scale_n_select": True,
         },

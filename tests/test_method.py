@@ -52,7 +52,8 @@ def test_the_preset_and_overrides_are_recorded():
     assert mini.published.iterations == 10 and mini.published.lr == pytest.approx(0.05)
     assert mini.posterior == "mean" and mini.scale_n_select
     assert dict(mini.changes) == {"posterior": "preset mini", "iterations": "preset mini", "lr": "preset mini",
-                                  "scale_n_select": "preset mini"}
+                                  "scale_n_select": "preset mini", "checkpoint": "preset mini"}
+    assert not mini.published.checkpoint and method.configure("released", "nsd").published.checkpoint
     assert mini.published.snapshots == stage2.snapshot_iterations(10)
     c = mini.replace(lr=0.2, update="z,c", keep=0.5)
     assert c.published.lr == 0.2 and c.published.update == ("z", "c") and c.keep == 0.5
