@@ -12,8 +12,9 @@ STAMP  := $(VENV)/.mdlib-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
-# Idle OpenMP threads sleep instead of spinning against numpy's BLAS threads (see mdlib/__init__.py).
-export OMP_WAIT_POLICY := PASSIVE
+# Idle OpenMP threads spin briefly, then sleep: fast back-to-back torch operations without taking the cores
+# from numpy's BLAS threads (see mdlib/__init__.py).
+export GOMP_SPINCOUNT := 10000
 
 # Extra options for `make lab` (the browser tests pass --no-browser, a port and a token).
 LAB_ARGS ?=
@@ -32,8 +33,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m mdlib.cli course --preset mini
 
+# Two workers (pytest-xdist): one runs the lessons in order (tests/test_notebooks.py, then the browser tests
+# that build the site from them: their xdist_group), the other every unit test beside them.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Figures in JupyterLab need matplotlib's inline backend, not the Agg exported above for headless runs.
 lab: export MPLBACKEND := module://matplotlib_inline.backend_inline

@@ -17,12 +17,15 @@ Layers, lowest first (no import runs back up):
 import os as _os
 import warnings as _warnings
 
-# On small CPU machines (2 cores) numpy's OpenBLAS threads and torch's OpenMP threads take turns on the same
-# cores; with OpenMP's default busy-waiting, each library's idle threads spin while the other works, and a
-# 360 x 360 eigendecomposition after a numpy call took 2-5 s instead of 0.03 s (measured on the CI machine).
-# Passive waiting removes that. It only takes effect if set before torch is first imported, so set it here
-# (mdlib is imported first in the lessons), in the Makefile, and for the kernels that `mdlib course` starts.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How torch's OpenMP threads (GNU libgomp) wait between parallel regions. The tiny models run thousands of
+# small operations back to back: threads that sleep between them (OMP_WAIT_POLICY=PASSIVE) made the course's
+# UNet cells twice as slow as threads that spin a little first; endless spinning, on the other hand, can take
+# the cores from numpy's BLAS threads on a 2-core machine. A short spin (10,000 turns, then sleep) keeps nearly
+# all of the first and bounds the second (benchmarks/README.md, bench_levers.py part 4). It only takes effect if
+# set before torch is first imported, so set it here (mdlib is imported first in the lessons), in the Makefile,
+# and for the kernels that `mdlib course` starts; an OMP_WAIT_POLICY of the user's own still wins.
+if "OMP_WAIT_POLICY" not in _os.environ:
+    _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # mdlib's own bars are plain tqdm (mdlib.progress), but libraries the lessons use (diffusers, transformers,
 # huggingface_hub) draw theirs with tqdm.auto, which in a Jupyter kernel without ipywidgets warns

@@ -9,7 +9,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see mdlib/__init__.py
+if "OMP_WAIT_POLICY" not in os.environ:               # before torch is imported: see mdlib/__init__.py
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -70,7 +70,8 @@ def test_course_kernels_run_without_progress_bars(monkeypatch):
     assert env["MPLBACKEND"] == "module://matplotlib_inline.backend_inline"
     assert base[progress.ENV_SWITCH] == "1" and len(base) == 4  # the caller's mapping is not changed
     defaults = course.kernel_environ({})
-    assert defaults["HF_HUB_OFFLINE"] == "1" and defaults["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert defaults["HF_HUB_OFFLINE"] == "1" and defaults["GOMP_SPINCOUNT"] == "10000"
+    assert "GOMP_SPINCOUNT" not in course.kernel_environ({"OMP_WAIT_POLICY": "PASSIVE"})   # the user's policy wins
     assert defaults[progress.ENV_SWITCH] == "0"
 
     monkeypatch.setenv(progress.ENV_SWITCH, "1")
