@@ -34,11 +34,14 @@ demo: $(STAMP)
 	$(PY) -m mdlib.cli course --preset mini
 
 # Two workers (pytest-xdist): one runs the lessons in order (tests/test_notebooks.py, then the browser tests
-# that build the site from them: their xdist_group), the other every unit test beside them.
+# that build the site from them: tests/conftest.py's scheduler), the other the unit tests beside them. Each
+# worker computes on TEST_THREADS threads (torch, BLAS and the lessons' kernels): workers x threads = the cores,
+# since threads that outnumber the cores wait on each other (benchmarks/README.md, "bench_levers.py").
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS)
 
 # Figures in JupyterLab need matplotlib's inline backend, not the Agg exported above for headless runs.
 lab: export MPLBACKEND := module://matplotlib_inline.backend_inline

@@ -16,9 +16,28 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+#: Test files that run in one pytest-xdist worker, in this order: the lessons (later ones read what earlier ones
+#: cached), then the browser tests, which build the course site from the lessons that worker executed.
+LESSON_FILES = ("tests/test_notebooks.py", "tests/test_browser.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Browser tests run last: they build the course site from the lessons the notebook tests executed."""
     items.sort(key=lambda item: item.get_closest_marker("browser") is not None)   # a stable sort
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s two workers (pytest-xdist): every test of :data:`LESSON_FILES` goes to one worker, every
+    other test is handed out one at a time to whichever worker is free. (xdist's own ``xdist_group`` mark does
+    this by renaming the tests, which pytest 9 no longer allows.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LessonsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "lessons" if nodeid.split("::", 1)[0] in LESSON_FILES else nodeid
+
+    return LessonsTogether(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from mdlib import course
 from mdlib.nsd import layout
 from mdlib.synth.write import load_truth, write_mini_nsd
 
+# Under `make test`, one worker runs this file and then tests/test_browser.py (tests/conftest.py, LESSON_FILES).
 pytestmark = pytest.mark.notebook
 
 SUBJECT = 1
@@ -26,9 +27,9 @@ OTHER_SUBJECT = 2      # lesson 06's cross-subject comparison, on two subjects i
 
 @pytest.fixture(scope="module")
 def mini_root(tmp_path_factory):
-    """A default-size mini-NSD (what `make demo` uses) for subjects 1 and 2, written once for this module."""
+    """The mini-NSD `make demo` uses (subjects 1, 2, 5 and 7, default sizes), written once for this module."""
     root = tmp_path_factory.mktemp("mini-nsd")
-    write_mini_nsd(root, subjects=(SUBJECT, OTHER_SUBJECT), progress=False)
+    write_mini_nsd(root, progress=False)
     return root
 
 
@@ -68,24 +69,15 @@ def lesson06_run(course_run, mini_root):
     return out, summary
 
 
-#: Lesson 07 in CI: its defaults (subject 2, references 1, 5 and 7, its first 1, 2 and 4 sessions, 8 images), on a
-#: mini-NSD of `make demo`'s size with the four subjects who completed every session (the module's holds two).
+#: Lesson 07 in CI: its defaults (subject 2, references 1, 5 and 7, its first 1, 2 and 4 sessions, 8 images).
 LESSON_07_SMOKE = {}
 LESSON_07_SUBJECT, LESSON_07_REFERENCES = 2, (1, 5, 7)
 
 
 @pytest.fixture(scope="module")
-def mini_root_four(tmp_path_factory):
-    """The default mini-NSD (subjects 1, 2, 5 and 7), for lesson 07's references."""
-    root = tmp_path_factory.mktemp("mini-nsd-four")
-    write_mini_nsd(root, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def lesson07_run(lesson06_run, mini_root, mini_root_four, executed_lessons):
+def lesson07_run(lesson06_run, mini_root, executed_lessons):
     out, _ = lesson06_run        # the same output folder: the summary and the book hold every lesson
-    summary = course.run_course("mini", data_root=mini_root_four, out=out, only=["07"], parameters=LESSON_07_SMOKE,
+    summary = course.run_course("mini", data_root=mini_root, out=out, only=["07"], parameters=LESSON_07_SMOKE,
                                 progress=False)
     executed_lessons.update(folder=out, data_root=mini_root)   # every lesson: the browser tests build on them
     return out, summary
@@ -514,7 +506,7 @@ def _shared_by_session(root, subject):
     return out
 
 
-def test_lesson_07_decodes_a_new_subject_from_one_session(lesson07_run, mini_root_four):
+def test_lesson_07_decodes_a_new_subject_from_one_session(lesson07_run, mini_root):
     from pathlib import Path
 
     from mdlib.nsd.stimuli import StimulusReader
@@ -526,8 +518,8 @@ def test_lesson_07_decodes_a_new_subject_from_one_session(lesson07_run, mini_roo
     # The design's counts, from the raw arrays: the shared images of each session, those every reference saw too
     # (the alignment pairs), and the common test set after the first k sessions: the shared images the subject saw,
     # less every one shown in those sessions, for every method.
-    shared = _shared_by_session(mini_root_four, subject)
-    everyone = set.intersection(*(set().union(*_shared_by_session(mini_root_four, s).values()) for s in refs))
+    shared = _shared_by_session(mini_root, subject)
+    everyone = set.intersection(*(set().union(*_shared_by_session(mini_root, s).values()) for s in refs))
     all_shared = set().union(*shared.values())
     d = r["design"]
     assert d["session"] == sorted(shared) and d["shared_images"] == [len(shared[s]) for s in d["session"]]
@@ -562,7 +554,7 @@ def test_lesson_07_decodes_a_new_subject_from_one_session(lesson07_run, mini_roo
     ids = r["nsd_ids"]
     assert r["n_images"] == 8 and ids == r["amounts"]["1"]["test_ids"][:8]
     assert r["other_image_ids"] == r["amounts"]["1"]["test_ids"][8:16]
-    with StimulusReader(mini_root_four) as reader:
+    with StimulusReader(mini_root) as reader:
         stim, others = reader.read(ids), reader.read(r["other_image_ids"])
     for m in ("align", "shared", "scratch", "full"):
         pc, ss = _pixcorr_ssim_reference(_read_pngs(Path(r["image_dirs"][m]), ids), stim)
