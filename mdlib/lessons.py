@@ -91,6 +91,8 @@ ADVANCED: Mapping[str, Mapping[str, Setting]] = MappingProxyType({
         batch_size=(8, "images per UNet batch in stage 1 (no effect on the images: each has its own seed)"),
         out_dir=("", "where the stage-1 images go (resumable); empty: $MDLIB_DATA/runs/transfer/"
                      "<preset>_<variant>_subjNN_s<sessions>_refs<references>"),
+        sd_model=("", "Stable Diffusion for z, c and stage 1; empty: the preset's"),
+        clip_model=("", "CLIP for the structural features; empty: the preset's"),
     ),
 })
 
