@@ -94,3 +94,109 @@ def test_patch_coverage_is_the_covered_fraction_of_each_patch_row_by_row():
     assert cov[0, 0, 0] == pytest.approx(4 / 49) and cov[1, 1].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="multiples of the patch grid 7"):
         placement.patch_coverage(np.zeros((1, 128, 128), bool), grid=7)
+
+
+# ------------------------------------------------------------------------------------ layouts (issue 27)
+
+def _layout_scene(kind, position, tilt, objects=(), first="sky blue", second="dark green", texture="plain",
+                  second_texture="plain"):
+    objects = objects or (scenes.SceneObject("circle", "red", 0.12, 0.12, 0.08),)
+    return scenes.Scene(tuple(objects), background=first, texture=texture, texture_angle=45.0,
+                        texture_period=0.1, layout=scenes.Layout(kind, position, tilt, second, second_texture,
+                                                                 texture_angle=90.0, texture_period=0.08))
+
+
+def _true_line(layout):
+    """The renderer's boundary as (angle in [0, 180), rho): rho = the signed distance of the line from the
+    image centre along the normal (-sin, cos) in (right, up) coordinates."""
+    x0, y0, angle = layout.line()
+    a = np.deg2rad(angle)
+    return angle, -np.sin(a) * (x0 - 0.5) + np.cos(a) * (0.5 - y0)
+
+
+def _angle_apart(a, b):
+    d = abs(a - b) % 180
+    return min(d, 180 - d)
+
+
+@pytest.mark.parametrize("kind, position, tilt", [("horizon", 0.4, 0.0), ("horizon", 0.62, 17.5),
+                                                  ("horizon", 0.37, -24.0), ("wall", 0.45, 0.0),
+                                                  ("wall", 0.6, 12.3), ("wall", 0.5, -21.0)])
+def test_the_boundary_is_the_renderers_line(kind, position, tilt):
+    lay = _layout_scene(kind, position, tilt, texture="stripes", second_texture="dots").layout
+    b = placement.fit_boundary(scenes.render(_layout_scene(kind, position, tilt, texture="stripes",
+                                                           second_texture="dots"), 128)[None])
+    angle, rho = _true_line(lay)
+    assert b.found[0] and b.misfit[0] < 0.02
+    assert _angle_apart(b.angle[0], angle) <= 1.0
+    assert abs(np.cos(np.deg2rad(b.angle[0] - angle)) * b.rho[0] - rho) < 0.01   # the same side of the normal
+    crossing = b.height[0] if kind == "horizon" else b.across[0]
+    assert crossing == pytest.approx(position, abs=0.01)
+
+
+def test_objects_drawn_on_top_do_not_move_the_boundary():
+    # Two large objects straddling the boundary, of colours far from both regions: the fit does not move.
+    objs = (scenes.SceneObject("square", "yellow", 0.3, 0.5, 0.38), scenes.SceneObject("star", "red", 0.75, 0.45, 0.3))
+    bare = placement.fit_boundary(scenes.render(_layout_scene("horizon", 0.5, 8.0), 128)[None])
+    busy = placement.fit_boundary(scenes.render(_layout_scene("horizon", 0.5, 8.0, objs), 128)[None])
+    assert busy.found[0]
+    assert _angle_apart(busy.angle[0], bare.angle[0]) <= 1.0 and abs(busy.height[0] - bare.height[0]) < 0.01
+    assert busy.height[0] == pytest.approx(0.5, abs=0.01) and _angle_apart(busy.angle[0], 8.0) <= 1.0
+
+
+def test_identical_images_score_zero_and_mirrored_tilts_the_angle_geometry_predicts():
+    t = 18.0
+    img = scenes.render(_layout_scene("horizon", 0.45, t), 128)[None]
+    same = placement.layout_errors(img, img)
+    assert same.region[0] == 0 and same.angle[0] == 0 and same.position[0] == 0 and same.found[0]
+    mirror = img[:, :, ::-1]
+    e = placement.layout_errors(mirror, img)
+    # Mirroring turns a tilt of t into -t about the same crossing of the centre line: the lines are 2t apart,
+    # cross at x = 1/2, and between them lie two triangles of area tan(t) / 4 each.
+    assert e.angle[0] == pytest.approx(2 * t, abs=1.0)
+    assert e.position[0] == pytest.approx(0.0, abs=0.01)
+    assert e.region[0] == pytest.approx(np.tan(np.deg2rad(t)) / 2, abs=0.01)
+
+
+def test_a_shifted_horizon_scores_its_shift():
+    a = scenes.render(_layout_scene("horizon", 0.4, 0.0), 128)[None]
+    b = scenes.render(_layout_scene("horizon", 0.6, 0.0), 128)[None]
+    e = placement.layout_errors(a, b)
+    assert e.position[0] == pytest.approx(0.2, abs=0.01) and e.region[0] == pytest.approx(0.2, abs=0.01)
+    assert e.angle[0] <= 1.0
+    # The regions' colours swapped (sky below): the same line, so the same layout.
+    c = scenes.render(_layout_scene("horizon", 0.4, 0.0, first="dark green", second="sky blue"), 128)[None]
+    assert placement.layout_errors(c, a).region[0] == pytest.approx(0.0, abs=0.01)
+
+
+def test_a_blurred_reconstruction_keeps_its_boundary():
+    from scipy import ndimage
+
+    img = scenes.render(_layout_scene("wall", 0.42, 14.0, texture="checks"), 128)
+    blurred = np.stack([ndimage.gaussian_filter(img[..., c].astype(float), 4) for c in range(3)], -1)
+    e = placement.layout_errors(np.clip(blurred, 0, 255).astype(np.uint8)[None], img[None])
+    assert e.found[0] and e.region[0] < 0.01 and e.angle[0] <= 1.5 and e.position[0] < 0.01
+
+
+def test_no_boundary_without_a_layout_and_what_a_missing_boundary_scores():
+    # mini-NSD's own scenes (every background, texture and object size): none has a boundary.
+    rng = np.random.default_rng(11)
+    plain = np.stack([scenes.render(scenes.random_scene(rng), 128) for _ in range(24)])
+    b = placement.fit_boundary(plain)
+    assert not b.found.any() and np.isnan(b.angle).all() and np.isnan(b.height).all()
+    # Scenes with layouts, drawn as mini-NSD draws them: all have one, where the renderer put it.
+    drawn = [scenes.random_scene(rng, layout_share=1.0) for _ in range(12)]
+    drawn = [s for s in drawn if s.layout is not None]
+    fit = placement.fit_boundary(np.stack([scenes.render(s, 128) for s in drawn]))
+    assert fit.found.all()
+    assert max(_angle_apart(a, _true_line(s.layout)[0]) for a, s in zip(fit.angle, drawn)) <= 1.0
+    # Against a stimulus without a boundary every error is NaN; a reconstruction without one scores the
+    # stimulus's smaller side as its region error (as if its boundary lay outside the image).
+    lay = scenes.render(_layout_scene("horizon", 0.37, 0.0), 128)[None]
+    e = placement.layout_errors(lay, plain[:1])
+    assert np.isnan([e.region[0], e.angle[0], e.position[0]]).all()
+    e = placement.layout_errors(plain[:1], lay)
+    assert not e.found[0] and np.isnan(e.angle[0]) and np.isnan(e.position[0])
+    assert e.region[0] == pytest.approx(0.37, abs=0.01)
+    with pytest.raises(ValueError, match="paired one to one"):
+        placement.layout_errors(np.concatenate([lay, lay]), lay)

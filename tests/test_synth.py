@@ -447,3 +447,203 @@ def test_scene_rendering_and_captions():
     assert scenes.position_words(0.5, 0.5) == "centre" and scenes.position_words(0.8, 0.2) == "top right"
     with pytest.raises(ValueError):
         scenes.SceneObject("blob", "red", 0.5, 0.5, 0.2)
+
+
+# ------------------------------------------------------------------------------------ layouts (issue 27)
+
+def test_layouts_are_off_by_default_and_only_add_a_layout_to_the_same_scene():
+    """With ``layout_share`` 0 (the default) no layout draw is made; with layouts on, each generator gives the
+    very scene it gives without them, plus a layout drawn within its stated ranges."""
+    import dataclasses
+
+    lo, hi = scenes.LAYOUT_POSITION_RANGE
+    with_layout = 0
+    for i in range(200):
+        plain = scenes.random_scene(np.random.default_rng((9, i)))
+        rng = np.random.default_rng((9, i))
+        assert scenes.random_scene(rng, layout_share=0.0) == plain and plain.layout is None
+        sc = scenes.random_scene(np.random.default_rng((9, i)), layout_share=1.0)
+        assert dataclasses.replace(sc, layout=None) == plain
+        if sc.layout is None:
+            continue
+        with_layout += 1
+        lay = sc.layout
+        assert lo <= lay.position <= hi and abs(lay.tilt) <= scenes.LAYOUT_MAX_TILT
+        rgb = scenes.BACKGROUNDS[lay.colour]
+        assert np.linalg.norm(np.subtract(rgb, scenes.BACKGROUNDS[sc.background], dtype=float)) >= 80
+        assert all(np.linalg.norm(np.subtract(rgb, scenes.COLOURS[o.colour], dtype=float)) >= 110 for o in sc.objects)
+    assert with_layout >= 190     # None only where no background colour suits both regions and the objects
+    # A generator left in the same state: layout-off draws nothing more than before layouts existed.
+    a, b = np.random.default_rng(4), np.random.default_rng(4)
+    scenes.random_scene(a)
+    scenes.random_scene(b, layout_share=0.0, layout_kinds=("wall",))
+    assert a.random() == b.random()
+    share = np.mean([scenes.random_scene(np.random.default_rng((8, i)), layout_share=0.3).layout is not None
+                     for i in range(400)])
+    assert 0.22 < share < 0.38
+    walls = [scenes.random_scene(np.random.default_rng((7, i)), layout_share=1.0, layout_kinds=("wall",)).layout
+             for i in range(30)]
+    assert {w.kind for w in walls if w is not None} == {"wall"}
+    for bad, match in ((1.5, "layout_share"), (-0.1, "layout_share")):
+        with pytest.raises(ValueError, match=match):
+            scenes.random_scene(np.random.default_rng(0), layout_share=bad)
+    with pytest.raises(ValueError, match="layout_kinds"):
+        scenes.random_scene(np.random.default_rng(0), layout_share=0.5, layout_kinds=("sky",))
+
+
+def _two_region_scene(kind, position, tilt, first="navy", second="beige"):
+    """A scene whose only object is small and far from the boundary, on plain regions."""
+    obj = scenes.SceneObject("circle", "red", 0.1, 0.1, 0.08)
+    return scenes.Scene((obj,), background=first, texture="plain",
+                        layout=scenes.Layout(kind, position, tilt, second, "plain"))
+
+
+def test_a_layout_puts_each_region_on_its_side_with_an_anti_aliased_boundary():
+    S = 64
+    c1, c2 = np.array(scenes.BACKGROUNDS["navy"], float), np.array(scenes.BACKGROUNDS["beige"], float)
+    # A level horizon at 0.4 of the height: the boundary is 25.6 pixels down, so row 25 is 60% the first
+    # region's (above) and 40% the second's, every row above is the first colour and every row below the second.
+    img = scenes.render(_two_region_scene("horizon", 0.4, 0.0), S).astype(float)
+    col = img[:, 40]
+    np.testing.assert_array_equal(col[12:25], np.tile(c1, (13, 1)))
+    np.testing.assert_array_equal(col[26:], np.tile(c2, (S - 26, 1)))
+    np.testing.assert_allclose(col[25], np.rint(0.6 * c1 + 0.4 * c2), atol=1)
+    # A wall leaning left by 20 degrees: on each row the edge is at x = 0.55 + (y - 0.5) tan(20 deg).
+    img = scenes.render(_two_region_scene("wall", 0.55, 20.0), S).astype(float)
+    for row in (10, 32, 54):
+        y = (row + 0.5) / S
+        edge = (0.55 + (y - 0.5) * np.tan(np.deg2rad(20.0))) * S
+        assert (img[row, : int(edge) - 1] == c1).all() and (img[row, int(edge) + 2:] == c2).all()
+    # A horizon rising to the right is higher on the right; the first region covers `position` of the image.
+    lay = scenes.Layout("horizon", 0.5, 15.0, "beige")
+    img = scenes.render(scenes.Scene((scenes.SceneObject("circle", "red", 0.5, 0.1, 0.05),), "navy", layout=lay), S)
+    first = (np.abs(img.astype(float) - c1).sum(-1) < 1)
+    assert first[:, 8].sum() > first[:, 56].sum() + 10    # fewer upper-region rows where it is higher
+    assert lay.first_area() == pytest.approx(0.5, abs=1e-9)
+    assert scenes.Layout("horizon", 0.35, 25.0, "beige").first_area() == pytest.approx(0.35, abs=1e-9)
+
+
+def test_layout_captions_state_both_regions_the_boundary_and_the_objects():
+    sc = _two_region_scene("horizon", 0.62, -14.0, first="sky blue", second="dark green")
+    caps = scenes.captions(sc, np.random.default_rng(0), n=7)
+    assert len(set(caps)) == 7
+    for c in caps:
+        assert "sky blue" in c and "dark green" in c and "red circle" in c
+        assert "horizon low and rising to the left" in c
+        assert c.index("sky blue") < c.index("dark green")          # the upper region is named first
+    wall = scenes.captions(_two_region_scene("wall", 0.4, 10.0), np.random.default_rng(1))
+    assert all("left of centre and leaning to the left" in c and "navy" in c and "beige" in c for c in wall)
+    level = scenes.captions(_two_region_scene("horizon", 0.5, 3.0), np.random.default_rng(2))
+    assert all("horizon in the middle and level" in c for c in level)
+
+
+def test_layout_arrays_round_trip_and_are_absent_without_layouts():
+    rng = np.random.default_rng(3)
+    mixed = [scenes.random_scene(rng, layout_share=0.5) for _ in range(40)]
+    assert any(s.layout is not None for s in mixed) and any(s.layout is None for s in mixed)
+    arrays = scenes.scene_arrays(mixed)
+    assert scenes.scenes_from_arrays(arrays) == mixed
+    assert (arrays["layout_kind"] >= 0).sum() == sum(s.layout is not None for s in mixed)
+    plain = [scenes.random_scene(rng) for _ in range(5)]
+    assert not any(k.startswith("layout") for k in scenes.scene_arrays(plain))
+
+
+def test_the_default_mini_nsd_does_not_mention_layouts(mini):
+    root, summary = mini
+    assert not any(k.startswith("layout") for k in json.loads((root / SIDECAR).read_text())["parameters"])
+    assert not any(k.startswith("layout") for k in np.load(root / SCENES_TRUTH).files)
+    assert "layout_share" not in summary["parameters"]
+
+
+def test_a_mini_nsd_with_layouts_records_them_and_draws_them(mini, tmp_path):
+    root_default, _ = mini
+    root = tmp_path / "layouts"
+    params = {**SMALL, "subjects": (1,)}
+    summary = write_mini_nsd(root, **params, layout_share=0.5, layout_kinds=("horizon",))
+    meta = json.loads((root / SIDECAR).read_text())
+    assert meta["parameters"]["layout_share"] == 0.5 and meta["parameters"]["layout_kinds"] == ["horizon"]
+    assert summary["parameters"]["layout_share"] == 0.5
+    truth = np.load(root / SCENES_TRUTH)
+    assert list(truth["layout_kind_names"]) == list(scenes.LAYOUT_KINDS)
+    has = truth["layout_kind"] >= 0
+    assert 0.3 < has.mean() < 0.7 and (truth["layout_kind"][has] == 0).all()
+    # Each stimulus is the default mini-NSD's scene plus its layout; the design is untouched.
+    default = scenes.scenes_from_arrays(np.load(root_default / SCENES_TRUTH))
+    mine = scenes.scenes_from_arrays(truth)
+    import dataclasses
+    assert [dataclasses.replace(s, layout=None) for s in mine] == default
+    assert _digest(root / layout.expdesign()) == _digest(root_default / layout.expdesign())
+    with h5py.File(root / layout.stimuli(), "r") as f:
+        rows = np.flatnonzero(has)[:3].tolist() + np.flatnonzero(~has)[:2].tolist()
+        imgs = f["imgBrick"][sorted(rows)]
+    for r, img in zip(sorted(rows), imgs):
+        np.testing.assert_array_equal(img, scenes.render(mine[r], SMALL["stim_size"]))
+    df = pd.read_csv(root / layout.stim_info("csv"))
+    caps = {}
+    for split in ("train2017", "val2017"):
+        for a in json.loads((root / layout.coco_captions(split)).read_text())["annotations"]:
+            caps.setdefault(a["image_id"], []).append(a["caption"])
+    for nsd in np.flatnonzero(has)[:10]:
+        colour = truth["background_names"][truth["layout_colour"][nsd]]
+        assert all("horizon" in c and colour in c for c in caps[int(df["cocoId"][nsd])])
+    with pytest.raises(ValueError, match="layout_share"):
+        write_mini_nsd(tmp_path / "bad", **params, layout_share=2)
+
+
+def test_the_brain_sees_layouts_through_its_surfaces_and_their_geometry():
+    """:func:`brain._layout_drive`: rows of scenes without a layout are untouched; a layout's two surfaces
+    weigh in by their areas, and its geometry through weights scaled by the voxel's scene-selective gain."""
+    obj = (scenes.SceneObject("circle", "red", 0.2, 0.2, 0.1),)
+    lay = scenes.Layout("horizon", 0.4, 10.0, "beige", "stripes")
+    scs = [scenes.Scene(obj, "navy"), scenes.Scene(obj, "navy", layout=lay),
+           scenes.Scene(obj, "navy", layout=scenes.Layout("horizon", 0.4, -10.0, "beige", "stripes"))]
+    arr = scenes.scene_arrays(scs)
+    rng = np.random.default_rng(0)
+    n_sig = 5
+    Bg = rng.standard_normal((n_sig, len(scenes.BACKGROUNDS))).astype(np.float32)
+    Tx = rng.standard_normal((n_sig, len(scenes.TEXTURES))).astype(np.float32)
+    sem = Bg.T[arr["background"]] + Tx.T[arr["texture"]]
+    no_gain = brain._layout_drive(sem, arr, Bg, Tx, np.zeros(n_sig, np.float32), (0, 1, 2))
+    np.testing.assert_array_equal(no_gain[0], sem[0])
+    navy, beige = list(scenes.BACKGROUNDS).index("navy"), list(scenes.BACKGROUNDS).index("beige")
+    plain, stripes = 0, list(scenes.TEXTURES).index("stripes")
+    expect = 0.4 * (Bg[:, navy] + Tx[:, plain]) + 0.6 * (Bg[:, beige] + Tx[:, stripes])
+    np.testing.assert_allclose(no_gain[1], expect, rtol=1e-6)
+    np.testing.assert_allclose(no_gain[2], expect, rtol=1e-6)      # surfaces alone do not see the tilt
+    gain = np.array([0, 1, 1, 2, 0.5], np.float32)
+    with_gain = brain._layout_drive(sem, arr, Bg, Tx, gain, (0, 1, 2))
+    np.testing.assert_array_equal(with_gain[0], sem[0])
+    diff = with_gain[1] - with_gain[2]                                  # the tilt: +10 against -10 degrees
+    sd_tilt = 2 * scenes.LAYOUT_MAX_TILT / np.sqrt(12)
+    G = np.random.default_rng((0, 1, 2, 3)).standard_normal((n_sig, 6)).astype(np.float32) * gain[:, None]
+    np.testing.assert_allclose(diff, G[:, 2] * 20 / sd_tilt, rtol=1e-5, atol=1e-6)
+    assert diff[0] == 0 and np.abs(diff[1:]).min() > 0
+    geom = brain.layout_geometry(arr)
+    np.testing.assert_allclose(geom[1], [1, -0.1 / (0.3 / np.sqrt(12)), 10 / sd_tilt, 0, 0, 0], rtol=1e-6)
+    assert not geom[0].any()
+
+
+def test_simulated_responses_follow_the_layout_where_each_pathway_looks():
+    """End to end: V1's retinotopic low-level drive changes with a horizon's height only where its receptive
+    fields see the change (between the two heights), not far from both; PHC, through its large fields and
+    the layout's geometry, responds to a mirrored tilt (+15 against -15 degrees) across the area."""
+    obj = (scenes.SceneObject("circle", "red", 0.1, 0.1, 0.08),)
+    rng = np.random.default_rng(1)
+    base = [scenes.random_scene(rng) for _ in range(30)]
+    pairs = [scenes.Layout("horizon", p, t, "beige") for p, t in ((0.5, 15.0), (0.5, -15.0), (0.38, 0.0), (0.62, 0.0))]
+    scs = base + [scenes.Scene(obj, "navy", layout=lay) for lay in pairs]
+    b = brain.simulate_brain(1, brain.subject_grid(1, 0.2), np.stack([scenes.render(s, 48) for s in scs]), scs,
+                             seed=0)
+    sig = b.signal_sd > 0
+    names = np.array(("none",) + brain.KASTNER2015)[b.area]
+    sd = np.maximum(b.signal_sd, 1e-12)
+    tilt = np.abs(b.signal[-4] - b.signal[-3]) / sd       # in units of each voxel's signal sd
+    height = np.abs(b.signal[-2] - b.signal[-1]) / sd
+    v1 = sig & np.isin(names, ("V1v", "V1d"))
+    y, s = b.prf_y, b.prf_sigma
+    between = v1 & (y > 0.38 + 2 * s) & (y < 0.62 - 2 * s)
+    far = v1 & ((y < 0.38 - 3 * s - 0.05) | (y > 0.62 + 3 * s + 0.05))
+    assert between.sum() >= 5 and far.sum() >= 5
+    assert np.median(height[between]) > 0.15 and height[far].max() < 0.1
+    phc = sig & np.isin(names, ("PHC1", "PHC2"))
+    assert phc.sum() >= 5 and np.median(tilt[phc]) > 0.3

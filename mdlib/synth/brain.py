@@ -22,6 +22,13 @@ Encoding model (per voxel, deterministic given the seed)
     - ``sem_v``: semantic tuning: each object inside the voxel's (large) receptive field adds a weight for its
       shape category and its colour name, scaled by its size; scene-selective areas (PHC) also weight the
       background colour and texture; parietal areas weight object presence (position).
+    - scenes with a large-scale layout (:class:`mdlib.synth.scenes.Layout`; none in the default mini-NSD)
+      reach the same two pathways. The low-level one needs nothing new: the boundary is in the feature maps
+      (luminance, colour, contrast and orientation change along it). In the scene-selective weights, each
+      region's colour and texture weigh in by the share of the image it covers (one region: share 1, the
+      weights above), and the layout's geometry adds a term of its own, as scene-selective cortex encodes
+      the spatial layout of a scene, the place and slant of its large boundaries, besides its surfaces
+      (:func:`_layout_drive`).
     - ``m_v``: the low-level share, 1 in V1 falling to ~0.3 in ventral areas.
     - z-scoring is over the subject's own images, so ``signal_sd`` is exactly the sd of the noiseless response
       across those images (percent signal change).
@@ -463,6 +470,51 @@ def _zscore_cols(a: np.ndarray) -> np.ndarray:
     return np.where(sd > 1e-8, a / np.maximum(sd, 1e-12), 0.0).astype(np.float32)
 
 
+def layout_geometry(arrays) -> np.ndarray:
+    """(n, 3 x len(LAYOUT_KINDS)) float32: each scene's layout geometry as the scene-selective pathway sees
+    it, from :func:`mdlib.synth.scenes.scene_arrays`' ``layout_*`` arrays. Per kind (columns 3k..3k+2 for
+    ``LAYOUT_KINDS[k]``): 1 (the kind is present), the boundary's position and its tilt, each standardised by
+    the range they are drawn from (uniform, so divided by its sd: range / sqrt(12)); zeros for the other kind
+    and for scenes without a layout."""
+    kinds = np.asarray(arrays["layout_kind"])
+    out = np.zeros((kinds.size, 3 * len(_scenes.LAYOUT_KINDS)), np.float32)
+    lo, hi = _scenes.LAYOUT_POSITION_RANGE
+    sd_pos = (hi - lo) / np.sqrt(12.0)
+    sd_tilt = 2 * _scenes.LAYOUT_MAX_TILT / np.sqrt(12.0)
+    for i in np.flatnonzero(kinds >= 0):
+        k = 3 * int(kinds[i])
+        out[i, k:k + 3] = (1.0, (arrays["layout_position"][i] - 0.5 * (lo + hi)) / sd_pos,
+                           arrays["layout_tilt"][i] / sd_tilt)
+    return out
+
+
+def _layout_drive(sem: np.ndarray, arr: dict, Bg: np.ndarray, Tx: np.ndarray, scene_gain: np.ndarray,
+                  key: tuple) -> np.ndarray:
+    """The scene-selective drive ``sem`` (n, n_sig) with the rows of scenes that have a layout replaced.
+
+    Surfaces: a voxel tuned to background colours and textures (``Bg``, ``Tx``: (n_sig, n_colours) and
+    (n_sig, n_textures)) responds to each region's by the share of the image the region covers
+    (:meth:`mdlib.synth.scenes.Layout.first_area`), as it would pool a surface over its large receptive field.
+    Geometry: a linear tuning to :func:`layout_geometry`, with weights N(0, 1) times the voxel's
+    scene-selective gain (``scene_gain``, (n_sig,): the background gain of ``_AREA_PROPS``), the same scale as
+    its tuning to one background colour. The weights come from a generator of their own, keyed by the
+    subject's ``key`` and 3, so no other draw of the brain changes: a scene without a layout gets exactly the
+    response it had before layouts existed.
+    """
+    rows = np.flatnonzero(np.asarray(arr["layout_kind"]) >= 0)
+    if rows.size == 0:
+        return sem
+    share = np.array([_scenes.layout_from_arrays(arr, int(i)).first_area() for i in rows], np.float32)[:, None]
+    first = Bg.T[arr["background"][rows]] + Tx.T[arr["texture"][rows]]
+    second = Bg.T[arr["layout_colour"][rows]] + Tx.T[arr["layout_texture"][rows]]
+    geometry = layout_geometry(arr)[rows]
+    rng = np.random.default_rng(key + (3,))
+    G = rng.standard_normal((scene_gain.size, geometry.shape[1])).astype(np.float32) * scene_gain[:, None]
+    sem = sem.copy()
+    sem[rows] = share * first + (1.0 - share) * second + geometry @ G.T
+    return sem
+
+
 def simulate_brain(subject: int, dims, images: np.ndarray, scene_list: list, seed: int,
                    snr_scale: float = 1.0, noise_shared: float = 0.1, drift_sd: float = 4.0,
                    gain_sd: float = 0.15, feature_res: int = 32) -> SimulatedBrain:
@@ -574,6 +626,8 @@ def simulate_brain(subject: int, dims, images: np.ndarray, scene_list: list, see
     presence = gains[:, 3] * (1 + 0.2 * rng.standard_normal(sv.size)).astype(np.float32)
     sem_sigma = np.maximum(prf_s[sv], 0.15)
     sem = Bg.T[arr["background"]] + Tx.T[arr["texture"]]  # (n, n_sig)
+    if "layout_kind" in arr:   # only scenes with a layout change, with weights from a stream of their own
+        sem = _layout_drive(sem, arr, Bg, Tx, gains[:, 2], key)
     for k in range(_scenes.MAX_OBJECTS):
         present = arr["shape"][:, k] >= 0
         if not present.any():

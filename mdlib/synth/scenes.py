@@ -5,7 +5,13 @@ A scene's content is fully known, so a caption can state it exactly and a simula
 - *semantics* (what): the shape category (circle, square, triangle, bar, cross, star) and its colour name;
 - *structure* (where / how): position in a 3 x 3 grid (left/centre/right x top/middle/bottom), size, and
   orientation (bars at 0/45/90/135 degrees, triangles pointing up/down/left/right, tilted squares and crosses);
-- context: background colour and texture (plain, striped, checkered, dotted; stripes and checks are oriented).
+- context: background colour and texture (plain, striped, checkered, dotted; stripes and checks are oriented);
+- layout (optional, off by default): a large-scale split of the background into two regions of different
+  colour and texture along a straight boundary, a horizon or a wall's edge (:data:`LAYOUT_KINDS`,
+  :class:`Layout`), drawn anti-aliased like the textures; captions state it first. Scenes get one only when
+  :func:`random_scene` is asked for it (``layout_share`` > 0), so the default scenes, and with them the
+  default mini-NSD, are exactly those drawn before layouts existed (docs/mini_world.md, "Scene layouts (an
+  experiment, off by default)").
 
 Everything is deterministic given a :class:`numpy.random.Generator`. Images are rendered anti-aliased: drawn at
 ``supersample`` times the size, then box-filtered down (PIL ``Image.reduce``).
@@ -66,6 +72,19 @@ TEXTURES = {"plain": "plain", "stripes": "striped", "checks": "checkered", "dots
 #: Most objects a scene holds (numeric encodings pad to this many).
 MAX_OBJECTS = 2
 
+#: Kinds of large-scale layout: ``"horizon"``, a near-horizontal boundary between an upper and a lower region
+#: (sky and ground, a wall and a floor); ``"wall"``, a near-vertical one between a left and a right region
+#: (two walls meeting, a building's edge). Index = kind id in numeric encodings.
+LAYOUT_KINDS = ("horizon", "wall")
+#: Where a layout's boundary crosses the image's central line across it (fraction of the side) is drawn in
+#: this range, so each region covers at least 35% of the image; its tilt (degrees) within +-this.
+LAYOUT_POSITION_RANGE = (0.35, 0.65)
+LAYOUT_MAX_TILT = 25.0
+# The two regions' colours differ by at least this (RGB Euclidean distance): more than a texture's own light
+# and dark parts (at most 36 levels per channel apart, 62 in RGB distance), so the boundary, not the texture,
+# is the image's largest edge.
+_MIN_REGION_DISTANCE = 80.0
+
 # Centres of the 3 x 3 position grid (fractions of the side) and the words for each cell. The jitter added to
 # a centre stays inside the cell so that the caption's position word is never ambiguous.
 _CELL_CENTRES = (0.22, 0.5, 0.78)
@@ -110,12 +129,76 @@ class SceneObject:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """A large-scale layout: the background split into two regions by a straight boundary.
+
+    The first region is the scene's own background (:attr:`Scene.background`, :attr:`Scene.texture`): above
+    a horizon, left of a wall's edge. The second, below or to the right, has this layout's ``colour`` (a key of
+    :data:`BACKGROUNDS`), ``texture`` (a key of :data:`TEXTURES`), ``texture_angle`` (degrees) and
+    ``texture_period`` (fraction of the side).
+
+    Geometry: ``kind`` (one of :data:`LAYOUT_KINDS`); ``position``: where the boundary crosses the image's
+    central line across it, a fraction of the side (horizon: the height on the vertical centre line x = 0.5,
+    from the top; wall: the x on the horizontal centre line y = 0.5, from the left); ``tilt``: degrees,
+    counter-clockwise on screen, from horizontal (horizon: positive rises to the right) or from vertical (wall:
+    positive leans to the left at the top). :meth:`line` gives the boundary as a point and a direction.
+    """
+
+    kind: str
+    position: float
+    tilt: float
+    colour: str
+    texture: str = "plain"
+    texture_angle: float = 0.0
+    texture_period: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in LAYOUT_KINDS:
+            raise ValueError(f"layout kind must be one of {LAYOUT_KINDS}, got {self.kind!r}")
+        if not 0.0 <= self.position <= 1.0:
+            raise ValueError(f"layout position is a fraction of the image side in [0, 1], got {self.position}")
+        if not -45.0 <= self.tilt <= 45.0:
+            raise ValueError(f"layout tilt is in [-45, 45] degrees (beyond, the other kind), got {self.tilt}")
+        if self.colour not in BACKGROUNDS:
+            raise ValueError(f"layout colour must be one of {tuple(BACKGROUNDS)}, got {self.colour!r}")
+        if self.texture not in TEXTURES:
+            raise ValueError(f"layout texture must be one of {tuple(TEXTURES)}, got {self.texture!r}")
+
+    def line(self) -> tuple[float, float, float]:
+        """The boundary as ``(x0, y0, angle)``: a point on it (fractions of the side, x from the left, y from
+        the top) and its direction, degrees counter-clockwise on screen from horizontal, in [0, 180)."""
+        if self.kind == "horizon":
+            return 0.5, float(self.position), float(self.tilt) % 180.0
+        return float(self.position), 0.5, (90.0 + float(self.tilt)) % 180.0
+
+    def first_side(self, x, y) -> np.ndarray:
+        """Signed distance (fractions of the side) of points (x from the left, y from the top) from the
+        boundary: positive on the first region's side (above a horizon, left of a wall), negative on the
+        second's."""
+        x0, y0, _ = self.line()
+        # The direction before it is folded into [0, 180): tilt from +x (horizon) or from +y, up (wall). In
+        # (right, up) coordinates the normal (-sin a, cos a) then points up for a horizon, left for a wall.
+        a = np.deg2rad(self.tilt + (0.0 if self.kind == "horizon" else 90.0))
+        return -(np.asarray(x) - x0) * np.sin(a) - (np.asarray(y) - y0) * np.cos(a)
+
+    def first_area(self) -> float:
+        """Fraction of the image on the first region's side (a boundary inside the image: ``position``)."""
+        t = (np.arange(4096) + 0.5) / 4096
+        if self.kind == "horizon":  # the boundary's height at each x, clipped to the frame
+            edge = self.position - (t - 0.5) * np.tan(np.deg2rad(self.tilt))
+        else:                       # the boundary's x at each height y (from the top)
+            edge = self.position + (0.5 - t) * np.tan(np.deg2rad(-self.tilt))
+        return float(np.clip(edge, 0.0, 1.0).mean())
+
+
+@dataclass(frozen=True)
 class Scene:
-    """A scene: 1..:data:`MAX_OBJECTS` objects on a background.
+    """A scene: 1..:data:`MAX_OBJECTS` objects on a background, optionally split by a :class:`Layout`.
 
     Attributes: ``objects`` (tuple of :class:`SceneObject`, drawn in order), ``background`` (a key of
     :data:`BACKGROUNDS`), ``texture`` (a key of :data:`TEXTURES`), ``texture_angle`` (degrees: the
-    orientation of stripes/checks), ``texture_period`` (fraction of the side: stripe/check/dot spacing).
+    orientation of stripes/checks), ``texture_period`` (fraction of the side: stripe/check/dot spacing),
+    ``layout`` (:class:`Layout` or None: the background is one region).
     """
 
     objects: tuple[SceneObject, ...]
@@ -123,6 +206,7 @@ class Scene:
     texture: str = "plain"
     texture_angle: float = 0.0
     texture_period: float = 0.1
+    layout: Layout | None = None
 
     def __post_init__(self):
         if not 1 <= len(self.objects) <= MAX_OBJECTS:
@@ -131,6 +215,8 @@ class Scene:
             raise ValueError(f"background must be one of {tuple(BACKGROUNDS)}, got {self.background!r}")
         if self.texture not in TEXTURES:
             raise ValueError(f"texture must be one of {tuple(TEXTURES)}, got {self.texture!r}")
+        if self.layout is not None and not isinstance(self.layout, Layout):
+            raise TypeError(f"layout must be a Layout or None, got {type(self.layout).__name__}")
 
 
 def position_words(x: float, y: float) -> str:
@@ -154,12 +240,61 @@ def _colour_distance(a, b) -> float:
     return float(np.linalg.norm(np.subtract(a, b, dtype=float)))
 
 
-def random_scene(rng: np.random.Generator, p_two: float = 0.4) -> Scene:
+def check_layout_options(layout_share: float, layout_kinds) -> tuple[float, tuple[str, ...]]:
+    """Validate :func:`random_scene`'s layout options; returns them as ``(float, tuple of kinds)``."""
+    try:
+        share = float(layout_share)
+    except (TypeError, ValueError):
+        raise TypeError(f"layout_share must be a number in [0, 1], got {layout_share!r}") from None
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"layout_share is the share of scenes given a layout, in [0, 1] (0: none, the default "
+                         f"mini-NSD), got {layout_share!r}")
+    kinds = (layout_kinds,) if isinstance(layout_kinds, str) else tuple(layout_kinds)
+    bad = [k for k in kinds if k not in LAYOUT_KINDS]
+    if not kinds or bad or len(set(kinds)) != len(kinds):
+        raise ValueError(f"layout_kinds must be distinct kinds among {LAYOUT_KINDS}, got {layout_kinds!r}")
+    return share, kinds
+
+
+def random_layout(rng: np.random.Generator, background: str, object_colours, kinds=LAYOUT_KINDS) -> Layout | None:
+    """A random :class:`Layout` for a scene whose background is ``background`` and whose objects have the
+    colours ``object_colours``; None when no background colour differs enough from the first region's and
+    stands far enough from every object colour (the objects must stay visible on both regions).
+
+    Draws, in order: the kind (uniform over ``kinds``), the position (uniform over
+    :data:`LAYOUT_POSITION_RANGE`), the tilt (uniform within +-:data:`LAYOUT_MAX_TILT` degrees), the second
+    region's texture (plain 40%, the others 20% each, as the first region's), its texture angle and period (as
+    :func:`random_scene`'s), then its colour (uniform over the admissible ones).
+    """
+    kind = str(rng.choice(list(kinds)))
+    position = round(float(rng.uniform(*LAYOUT_POSITION_RANGE)), 4)
+    tilt = round(float(rng.uniform(-LAYOUT_MAX_TILT, LAYOUT_MAX_TILT)), 2)
+    first = BACKGROUNDS[background]
+    admissible = [b for b, rgb in BACKGROUNDS.items()
+                  if _colour_distance(rgb, first) >= _MIN_REGION_DISTANCE
+                  and all(_colour_distance(rgb, COLOURS[c]) >= _MIN_COLOUR_DISTANCE for c in object_colours)]
+    texture = str(rng.choice(list(TEXTURES), p=[0.4, 0.2, 0.2, 0.2]))
+    texture_angle = float(rng.choice((0, 45, 90, 135)))
+    texture_period = round(float(rng.uniform(0.06, 0.14)), 4)
+    if not admissible:
+        return None
+    colour = str(rng.choice(admissible))
+    return Layout(kind, position, tilt, colour, texture, texture_angle, texture_period)
+
+
+def random_scene(rng: np.random.Generator, p_two: float = 0.4, layout_share: float = 0.0,
+                 layout_kinds=LAYOUT_KINDS) -> Scene:
     """A random scene: 1 object, or 2 with probability ``p_two``, in distinct grid cells.
 
     Object colours are drawn among those visible on the chosen background; two objects have different colours
     or shapes so that a caption tells them apart.
+
+    ``layout_share``: the probability that the scene also gets a large-scale :class:`Layout` of one of
+    ``layout_kinds`` (:func:`random_layout`). Its draws come after all the others, and none is made when the
+    share is 0 (the default), so a generator gives the very same scene, objects, background and all, with or
+    without layouts; only the layout is added.
     """
+    layout_share, layout_kinds = check_layout_options(layout_share, layout_kinds)
     background = str(rng.choice(list(BACKGROUNDS)))
     texture = str(rng.choice(list(TEXTURES), p=[0.4, 0.2, 0.2, 0.2]))
     bg_rgb = BACKGROUNDS[background]
@@ -187,12 +322,18 @@ def random_scene(rng: np.random.Generator, p_two: float = 0.4) -> Scene:
         x, y = np.clip(x, margin, 1 - margin), np.clip(y, margin, 1 - margin)
         objects.append(SceneObject(shape, colour, round(float(x), 4), round(float(y), 4), round(float(size), 4),
                                    angle))
+    texture_angle = float(rng.choice((0, 45, 90, 135)))
+    texture_period = round(float(rng.uniform(0.06, 0.14)), 4)
+    layout = None
+    if layout_share > 0 and rng.random() < layout_share:
+        layout = random_layout(rng, background, [o.colour for o in objects], layout_kinds)
     return Scene(
         objects=tuple(objects),
         background=background,
         texture=texture,
-        texture_angle=float(rng.choice((0, 45, 90, 135))),
-        texture_period=round(float(rng.uniform(0.06, 0.14)), 4),
+        texture_angle=texture_angle,
+        texture_period=texture_period,
+        layout=layout,
     )
 
 
@@ -237,25 +378,49 @@ def _background(scene: Scene, side: int) -> np.ndarray:
 
     Drawn directly at the output size with soft (about 1-pixel) edges instead of supersampling: the pattern is
     an analytic function of position, so clipping a scaled sine gives the anti-aliased edge at a fraction of
-    the cost.
+    the cost. A scene with a :class:`Layout` gets its second region the same way, blended in along the
+    boundary by the share of each pixel on its side (:func:`_layout_coverage`).
     """
-    base = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32)
-    if scene.texture == "plain":
+    img = _textured(scene.background, scene.texture, scene.texture_angle, scene.texture_period, side)
+    if scene.layout is None:
+        return img
+    lay = scene.layout
+    second = _textured(lay.colour, lay.texture, lay.texture_angle, lay.texture_period, side)
+    alpha = _layout_coverage(lay, side)[..., None]
+    return img * (1.0 - alpha) + second * alpha
+
+
+def _layout_coverage(layout: Layout, side: int) -> np.ndarray:
+    """(side, side) float32 in [0, 1]: the share of each pixel on the layout's second region's side.
+
+    The boundary is straight, so a pixel's share is close to 1/2 minus its centre's signed distance in pixels
+    (exact for an axis-aligned edge, within a few hundredths for a tilted one): the anti-aliased edge without
+    supersampling, as the textures are drawn.
+    """
+    yy, xx = (np.mgrid[0:side, 0:side].astype(np.float64) + 0.5) / side
+    return np.clip(0.5 - layout.first_side(xx, yy) * side, 0.0, 1.0).astype(np.float32)
+
+
+def _textured(colour: str, texture: str, texture_angle: float, texture_period: float, side: int) -> np.ndarray:
+    """A background colour (a key of :data:`BACKGROUNDS`) with its texture over the whole image, (side, side,
+    3) float32 in 0..255."""
+    base = np.asarray(BACKGROUNDS[colour], dtype=np.float32)
+    if texture == "plain":
         return np.broadcast_to(base, (side, side, 3)).copy()
     yy, xx = (np.mgrid[0:side, 0:side].astype(np.float32) + 0.5) / side
-    a = np.deg2rad(scene.texture_angle)
+    a = np.deg2rad(texture_angle)
     # u runs across the stripes, v along them (screen y points down, so angles are counter-clockwise).
     u = xx * np.cos(a) - yy * np.sin(a)
     v = xx * np.sin(a) + yy * np.cos(a)
-    p = scene.texture_period
+    p = texture_period
     ramp = p * side / (2 * np.pi)  # near a zero crossing sin(2 pi u / p) ~ (distance in pixels) / ramp
 
     def soft(t):
         return np.clip(t * ramp, -1.0, 1.0)
 
-    if scene.texture == "stripes":
+    if texture == "stripes":
         pattern = soft(np.sin(2 * np.pi * u / p))
-    elif scene.texture == "checks":
+    elif texture == "checks":
         pattern = soft(np.sin(2 * np.pi * u / p)) * soft(np.sin(2 * np.pi * v / p))
     else:  # dots on a lattice: a soft disc of radius 0.18 period in each cell
         du = (u / p) % 1.0 - 0.5
@@ -385,22 +550,79 @@ _TEMPLATES = (
 )
 
 
+# Captions of scenes with a layout: the layout first in most, since the text encoders read only the first
+# tokens (15 in the released settings) and the layout is the largest thing in the image.
+_LAYOUT_TEMPLATES = (
+    "{Layout}, with {objs}.",
+    "{Objs} in front of {layout}.",
+    "A picture of {layout}, and {objs}.",
+    "{Layout}; in front, {objs}.",
+    "There is {objs}, against {layout}.",
+    "An image of {layout}, with {objs}.",
+    "{Objs}, drawn over {layout}.",
+)
+
+
+def _region_phrase(colour: str, texture: str, rng: np.random.Generator) -> str:
+    """'striped sky blue', 'plain navy' or 'navy': a region's colour with its texture's adjective."""
+    if texture == "plain" and rng.random() < 0.5:
+        return colour
+    return f"{TEXTURES[texture]} {colour}"
+
+
+def _layout_phrase(scene: Scene, rng: np.random.Generator) -> str:
+    """The layout in words: both regions (colour, texture), then where the boundary is and how it tilts, e.g.
+    'a sky blue upper half over a striped dark green lower half, the horizon low and rising to the right'.
+
+    Position words split the drawn range in thirds (:data:`LAYOUT_POSITION_RANGE`: below 0.45, above 0.55);
+    a tilt under 8 degrees either way is 'level' (horizon) or 'upright' (wall).
+    """
+    lay = scene.layout
+    one = _region_phrase(scene.background, scene.texture, rng)
+    two = _region_phrase(lay.colour, lay.texture, rng)
+    a1, a2 = _article(one), _article(two)
+    if lay.kind == "horizon":
+        form = int(rng.integers(3))
+        regions = (f"{a1} {one} upper half over {a2} {two} lower half", f"{a1} {one} sky over {two} ground",
+                   f"{a1} {one} top above {a2} {two} bottom")[form]
+        where = "high" if lay.position < 0.45 else ("low" if lay.position > 0.55 else "in the middle")
+        tilt = ("rising to the right" if lay.tilt >= 8 else ("rising to the left" if lay.tilt <= -8 else "level"))
+        return f"{regions}, the horizon {where} and {tilt}"
+    form = int(rng.integers(3))
+    regions = (f"{a1} {one} left side beside {a2} {two} right side",
+               f"{a1} {one} wall on the left and {a2} {two} wall on the right",
+               f"{one} on the left and {two} on the right")[form]
+    where = ("left of centre" if lay.position < 0.45 else ("right of centre" if lay.position > 0.55
+                                                              else "in the centre"))
+    tilt = ("leaning to the left" if lay.tilt >= 8 else ("leaning to the right" if lay.tilt <= -8 else "upright"))
+    return f"{regions}, the edge between them {where} and {tilt}"
+
+
 def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
     """``n`` (<= 7) different paraphrases describing the scene, as COCO has 5 captions per image.
 
     Every caption names each object's colour and shape (the words in :data:`COLOURS` and :data:`SHAPES`), its
-    position and, where the shape has one, its orientation; most also name the background.
+    position and, where the shape has one, its orientation; most also name the background. A scene with a
+    :class:`Layout` has captions of their own (:data:`_LAYOUT_TEMPLATES`): each states both regions' colours
+    (and textures), the boundary's kind, where it lies and which way it tilts (:func:`_layout_phrase`), then
+    the objects as above.
     """
-    if not 1 <= n <= len(_TEMPLATES):
-        raise ValueError(f"n must be in 1..{len(_TEMPLATES)}, got {n}")
-    order = rng.permutation(len(_TEMPLATES))[:n]
+    templates = _TEMPLATES if scene.layout is None else _LAYOUT_TEMPLATES
+    if not 1 <= n <= len(templates):
+        raise ValueError(f"n must be in 1..{len(templates)}, got {n}")
+    order = rng.permutation(len(templates))[:n]
     out = []
     for t in order:
         parts = [f"{_object_phrase(o, rng, with_size=rng.random() < 0.6)} {_position_phrase(o, rng)}"
                  for o in scene.objects]
         objs = " and ".join(parts)
-        bg = _background_phrase(scene, rng)
-        text = _TEMPLATES[t].format(objs=objs, Objs=objs[:1].upper() + objs[1:], bg=bg, bg_a=_article(bg))
+        if scene.layout is None:
+            bg = _background_phrase(scene, rng)
+            text = _TEMPLATES[t].format(objs=objs, Objs=objs[:1].upper() + objs[1:], bg=bg, bg_a=_article(bg))
+        else:
+            lay = _layout_phrase(scene, rng)
+            text = _LAYOUT_TEMPLATES[t].format(objs=objs, Objs=objs[:1].upper() + objs[1:], layout=lay,
+                                               Layout=lay[:1].upper() + lay[1:])
         out.append(text)
     if len(set(out)) < len(out):  # a clash is possible but rare; make the captions distinct paraphrases
         out = [c if c not in out[:i] else c[:-1] + ", as described." for i, c in enumerate(out)]
@@ -447,6 +669,12 @@ def scene_arrays(scenes: list[Scene]) -> dict[str, np.ndarray]:
     :data:`COLOURS` (-1 = no object); ``x``, ``y``, ``size``, ``angle`` (n, MAX_OBJECTS) float64 (NaN = no
     object); ``background``, ``texture`` (n,) int ids; ``texture_angle``, ``texture_period`` (n,) float64.
     Floats stay float64 so that :func:`scenes_from_arrays` gives back the very same scenes.
+
+    Only when some scene has a :class:`Layout` (so that the arrays of scenes without layouts are exactly
+    those written before layouts existed), also, per scene: ``layout_kind`` (n,) int id into
+    :data:`LAYOUT_KINDS` (-1 = no layout); ``layout_colour``, ``layout_texture`` (n,) int ids (-1 = none);
+    ``layout_position``, ``layout_tilt``, ``layout_texture_angle``, ``layout_texture_period`` (n,) float64
+    (NaN = none), as :class:`Layout` defines them.
     """
     n = len(scenes)
     out = {
@@ -471,13 +699,47 @@ def scene_arrays(scenes: list[Scene]) -> dict[str, np.ndarray]:
             out["shape"][i, k] = SHAPES.index(o.shape)
             out["colour"][i, k] = colours.index(o.colour)
             out["x"][i, k], out["y"][i, k], out["size"][i, k], out["angle"][i, k] = o.x, o.y, o.size, o.angle
+    if any(sc.layout is not None for sc in scenes):
+        out.update(layout_arrays(scenes))
     return out
+
+
+def layout_arrays(scenes: list[Scene]) -> dict[str, np.ndarray]:
+    """The ``layout_*`` arrays of :func:`scene_arrays` (whether or not any scene has a layout)."""
+    n = len(scenes)
+    out = {"layout_kind": np.full(n, -1, np.int16), "layout_colour": np.full(n, -1, np.int16),
+           "layout_texture": np.full(n, -1, np.int16)}
+    for key in ("position", "tilt", "texture_angle", "texture_period"):
+        out[f"layout_{key}"] = np.full(n, np.nan, np.float64)
+    backgrounds, textures = list(BACKGROUNDS), list(TEXTURES)
+    for i, sc in enumerate(scenes):
+        lay = sc.layout
+        if lay is None:
+            continue
+        out["layout_kind"][i] = LAYOUT_KINDS.index(lay.kind)
+        out["layout_colour"][i] = backgrounds.index(lay.colour)
+        out["layout_texture"][i] = textures.index(lay.texture)
+        for key in ("position", "tilt", "texture_angle", "texture_period"):
+            out[f"layout_{key}"][i] = getattr(lay, key)
+    return out
+
+
+def layout_from_arrays(arrays, i: int) -> Layout | None:
+    """Scene ``i``'s :class:`Layout` from :func:`scene_arrays`' arrays; None if it has none (or the arrays
+    record no layouts at all)."""
+    if "layout_kind" not in arrays or int(arrays["layout_kind"][i]) < 0:
+        return None
+    return Layout(LAYOUT_KINDS[int(arrays["layout_kind"][i])], float(arrays["layout_position"][i]),
+                  float(arrays["layout_tilt"][i]), list(BACKGROUNDS)[int(arrays["layout_colour"][i])],
+                  list(TEXTURES)[int(arrays["layout_texture"][i])], float(arrays["layout_texture_angle"][i]),
+                  float(arrays["layout_texture_period"][i]))
 
 
 def scenes_from_arrays(arrays) -> list[Scene]:
     """The inverse of :func:`scene_arrays`: a list of :class:`Scene` from its arrays (e.g. mini-NSD's
     ``mini_truth/scenes.npz``, row = nsdId), so ``render(scenes_from_arrays(a)[i], S)`` is the brick's row i."""
     colours, backgrounds, textures = list(COLOURS), list(BACKGROUNDS), list(TEXTURES)
+    arrays = {k: np.asarray(arrays[k]) for k in arrays.keys()}   # an .npz decompresses on every access
     out = []
     for i in range(len(arrays["n_objects"])):
         objs = tuple(
@@ -486,5 +748,6 @@ def scenes_from_arrays(arrays) -> list[Scene]:
                         float(arrays["angle"][i, k]))
             for k in range(int(arrays["n_objects"][i])))
         out.append(Scene(objs, backgrounds[int(arrays["background"][i])], textures[int(arrays["texture"][i])],
-                         float(arrays["texture_angle"][i]), float(arrays["texture_period"][i])))
+                         float(arrays["texture_angle"][i]), float(arrays["texture_period"][i]),
+                         layout_from_arrays(arrays, i)))
     return out

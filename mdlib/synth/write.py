@@ -8,7 +8,8 @@ parameters; nothing is sized by NSD's constants (73000 images, 425 px, 750 trial
 
 Besides NSD's files, mini-NSD writes a sidecar that real NSD does not have (and the loaders never need):
 
-- ``<root>/mini_nsd.json``: format version, seed, parameters and sizes (see :func:`write_mini_nsd`);
+- ``<root>/mini_nsd.json``: format version, seed, parameters and sizes (see :func:`write_mini_nsd`; the
+  layout parameters appear only when layouts are on, so the default mini-NSD's sidecar is unchanged);
 - ``<root>/mini_truth/subjNN.npz``: the simulated brain's ground truth for subject NN (see :func:`load_truth`);
 - ``<root>/mini_truth/scenes.npz``: every stimulus's scene description, row = 0-based nsdId.
 
@@ -282,9 +283,11 @@ def _stim_info(d: SyntheticDesign, rng: np.random.Generator) -> tuple[pd.DataFra
 
 
 def _write_captions(root: Path, df: pd.DataFrame, scene_list: list, wh: dict, seed: int,
-                    rng: np.random.Generator) -> None:
+                    rng: np.random.Generator, layouts: dict | None = None) -> None:
     """COCO-format caption files: 5 captions per stimulus, plus a few COCO images that NSD does not use
-    (the loaders must match by cocoId, not by position). Annotations are shuffled, as in COCO."""
+    (the loaders must match by cocoId, not by position), drawn with the stimuli's ``layouts`` options
+    (:func:`mdlib.synth.scenes.random_scene`'s ``layout_share`` and ``layout_kinds``; None: none). Annotations
+    are shuffled, as in COCO."""
     files = {s: {"info": {"description": "mini-NSD captions (synthetic, COCO 2017 format)",
                           "version": str(MINI_NSD_VERSION), "year": 2017},
                  "licenses": [], "images": [], "annotations": []} for s in ("train2017", "val2017")}
@@ -294,7 +297,7 @@ def _write_captions(root: Path, df: pd.DataFrame, scene_list: list, wh: dict, se
     extra_ids = [c for c in rng.choice(np.arange(1, _COCO_ID_MAX), size=4 * n_extra, replace=False)
                  if int(c) not in used][:n_extra]
     for j, cid in enumerate(extra_ids):
-        sc = _scenes.random_scene(np.random.default_rng((seed, 203, j)))
+        sc = _scenes.random_scene(np.random.default_rng((seed, 203, j)), **(layouts or {}))
         entries.append((int(cid), "train2017" if j % 2 == 0 else "val2017", sc, (640, 480)))
     ann_id = 1
     for cid, split, sc, (w, h) in entries:
@@ -424,6 +427,8 @@ def _write_scenes_truth(root: Path, scene_list: list) -> None:
         colour_names=np.array(list(_scenes.COLOURS)), background_names=np.array(list(_scenes.BACKGROUNDS)),
         texture_names=np.array(list(_scenes.TEXTURES)),
     )
+    if "layout_kind" in arrays:   # only when some scene has a layout: the default file stays as it was
+        arrays.update(layout_kind_names=np.array(_scenes.LAYOUT_KINDS))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     _write_bytes(root / SCENES_TRUTH, _normalise_zip(buf.getvalue()))
@@ -477,7 +482,8 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
                    trials_per_session: int = DEFAULTS["trials_per_session"],
                    stim_size: int = DEFAULTS["stim_size"], grid_scale: float = DEFAULTS["grid_scale"],
                    n_unseen: int = DEFAULTS["n_unseen"], snr_scale: float = DEFAULTS["snr_scale"],
-                   seed: int = DEFAULTS["seed"], progress: bool = True) -> dict:
+                   seed: int = DEFAULTS["seed"], progress: bool = True, layout_share: float = 0.0,
+                   layout_kinds=_scenes.LAYOUT_KINDS) -> dict:
     """Write a mini-NSD under ``root`` and return a summary dict.
 
     Parameters
@@ -492,6 +498,12 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
     n_unseen: stimuli in the brick that no subject sees. snr_scale: multiplies every voxel's ncsnr
         (1.0 gives NSD-like 0.2-0.9 in visual cortex). seed: everything is a deterministic function of it.
     progress: show a tqdm bar over the (subject, session) files.
+    layout_share, layout_kinds: the share of scenes (stimuli and the unused COCO images alike) given a
+        large-scale layout, and its kinds (:func:`mdlib.synth.scenes.random_scene`; docs/mini_world.md,
+        "Scene layouts (an experiment, off by default)"). An experiment (issue 27), off by default: with
+        ``layout_share=0`` every file is byte-identical to what this writer wrote before layouts existed, and
+        the sidecar does not mention them. Otherwise each scene is the one the same seed gives without
+        layouts, plus its layout if it drew one, and ``parameters`` records both options.
 
     Returns a dict: ``root``, ``version``, ``parameters``, ``n_stimuli``, ``n_sessions``, ``subjects`` (per
     subject: grid, voxel counts), ``seconds`` (wall time), ``bytes`` (on disk), ``n_files``.
@@ -508,6 +520,9 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if not 0 < float(grid_scale) <= 1:
         raise ValueError(f"grid_scale must be in (0, 1] (1 = NSD's own grid), got {grid_scale!r}")
+    layout_share, layout_kinds = _scenes.check_layout_options(layout_share, layout_kinds)
+    # Only when on do the layout options reach the scenes and the sidecar: off, nothing written changes.
+    layouts = dict(layout_share=layout_share, layout_kinds=layout_kinds) if layout_share > 0 else {}
     grids = {s: _brain.subject_grid(s, grid_scale) for s in subjects}  # validates subjects and the scale
     if (root / layout.expdesign()).exists() and not (root / SIDECAR).exists():
         raise FileExistsError(f"{root} holds an NSD design file but no {SIDECAR}: it looks like a real NSD; "
@@ -517,16 +532,19 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
     params = dict(subjects=list(subjects), n_shared=int(n_shared), n_per_subject=int(n_per_subject),
                   trials_per_session=int(trials_per_session), stim_size=int(stim_size),
                   grid_scale=float(grid_scale), n_unseen=int(n_unseen), snr_scale=float(snr_scale), seed=int(seed))
+    if layouts:
+        params.update(layout_share=layout_share, layout_kinds=list(layout_kinds))
 
     # Shared files: design, stimulus info, captions, image brick.
     _write_design(root, design)
-    scene_list = [_scenes.random_scene(np.random.default_rng((int(seed), 201, i))) for i in range(design.n_stimuli)]
+    scene_list = [_scenes.random_scene(np.random.default_rng((int(seed), 201, i)), **layouts)
+                  for i in range(design.n_stimuli)]
     info_rng = np.random.default_rng((int(seed), 102))
     df, wh = _stim_info(design, info_rng)
     stim_path = root / layout.stim_info("csv")
     stim_path.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(stim_path)  # the leading unnamed column is the index, as in NSD's csv
-    _write_captions(root, df, scene_list, wh, int(seed), info_rng)
+    _write_captions(root, df, scene_list, wh, int(seed), info_rng, layouts)
     _write_brick(root, scene_list, int(stim_size))
     _write_scenes_truth(root, scene_list)
     _write_responses(root, design, int(seed))
