@@ -649,12 +649,13 @@ class ReferenceModels:
 def fit_references(references: Mapping[int, tuple[Responses, Responses]], targets: TargetTable,
                    families: Sequence[str], shared: bool = True, n_components: int | None = None,
                    max_components: int = MAX_COMPONENTS, alphas=DEFAULT_ALPHAS, device=None,
-                   progress: bool = True) -> dict[str, ReferenceModels]:
+                   progress: bool = True, keep_coefficients: bool = True) -> dict[str, ReferenceModels]:
     """Fit each reference's decoders on its training images and, with ``shared``, the shared spaces.
 
     They do not depend on the new subject: fit them once and pass them to :func:`compare` for every amount
-    of its data. ``references``: :attr:`TransferInputs.references`. Memory: the decoders' coefficients,
-    (references x voxels x targets) float32 per family.
+    of its data. ``references``: :attr:`TransferInputs.references`. Memory: with ``keep_coefficients`` (what
+    ``"align"`` needs), the decoders' coefficients, (references x voxels x targets) float32 per family; without,
+    only their alphas and leave-one-out errors (what ``"shared"`` needs).
     """
     if not references:
         raise ValueError("fit_references needs at least one reference subject")
@@ -666,7 +667,11 @@ def fit_references(references: Mapping[int, tuple[Responses, Responses]], target
             _check_rows(len(train.nsd_ids), f"reference {r}'s training images")
             X_r = standardize(train.X, train.X)
             Y_r = targets.get(f, train.nsd_ids)
-            decoders[r] = _ridge(alphas, device).fit(X_r, Y_r)
+            decoders[r] = _ridge(alphas, device)
+            if keep_coefficients:
+                decoders[r].fit(X_r, Y_r)
+            else:     # the alphas and errors, chunk by chunk, no p x t coefficients kept
+                decoders[r].fit_predict(X_r, Y_r, X_r[:1])
             r2[r] = _cv_r2(decoders[r], Y_r)
             if shared:
                 Yt.append(Y_r)
@@ -808,13 +813,17 @@ def compare(split: TransferSplit, inputs: TransferInputs, targets: TargetTable, 
     if uses_refs and references is None:
         references = fit_references({r: inputs.references[r] for r in refs}, targets, families,
                                     shared="shared" in methods, n_components=n_components,
-                                    max_components=max_components, alphas=alphas, device=device, progress=progress)
+                                    max_components=max_components, alphas=alphas, device=device, progress=progress,
+                                    keep_coefficients="align" in methods)
     if uses_refs:
         absent = [f for f in families if f not in references or set(references[f].decoders) != set(refs)
-                  or ("shared" in methods and references[f].space is None)]
+                  or ("shared" in methods and references[f].space is None)
+                  or ("align" in methods and any(d.coef_ is None for d in references[f].decoders.values()))]
         if absent:
             raise ValueError(f"the references' models do not cover families {absent} with references {refs}"
-                             + (" and a shared space" if "shared" in methods else "") + ": refit them")
+                             + (" and a shared space" if "shared" in methods else "")
+                             + (" and coefficients (fitted for 'align')" if "align" in methods else "")
+                             + ": refit them")
 
     test_ids = split.test_ids
     X_hour_raw = inputs.hour.take(split.hour_ids, f"subject {split.subject}'s hour")

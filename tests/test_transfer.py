@@ -456,3 +456,24 @@ def test_run_on_mini_nsd(mini_root, sd):
     assert res.split.test_ids.size > 0 and res.table().shape == (4, 1)
     assert res.pred["full"]["z"].shape == (res.split.test_ids.size, int(np.prod(res.shapes["z"])))
     assert res.params["roi"] == config.roi and res.params["n_test"] == res.split.test_ids.size
+
+
+def test_shared_alone_keeps_no_reference_coefficients_and_gives_the_same_answers(world):
+    """Without "align" the references' coefficients (references x voxels x targets: gigabytes per family on
+    NSD) are not kept; the shared space, its predictions and the scores are the same."""
+    design, targets, responses = world
+    split = transfer.transfer_split(design, 2, sessions=[1, 2], references=[1, 5, 7])
+    inputs = make_inputs(split, design, responses)
+    both = transfer.compare(split, inputs, targets, alphas=ALPHAS, device="cpu", progress=False)
+    lean = transfer.compare(split, inputs, targets, methods=["shared", "scratch"], alphas=ALPHAS, device="cpu",
+                            progress=False)
+    assert all(d.coef_ is None for d in lean.reference_models["f"].decoders.values())
+    assert all(d.coef_ is not None for d in both.reference_models["f"].decoders.values())
+    np.testing.assert_allclose(lean.pred["shared"]["f"], both.pred["shared"]["f"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lean.score["shared"]["f"], both.score["shared"]["f"], rtol=1e-6)
+    for r in (1, 5, 7):
+        np.testing.assert_allclose(lean.reference_models["f"].loo_r2[r], both.reference_models["f"].loo_r2[r],
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match="coefficients .fitted for 'align'.: refit them"):
+        transfer.compare(split, inputs, targets, methods=["align"], references=lean.reference_models,
+                         alphas=ALPHAS, device="cpu", progress=False)
