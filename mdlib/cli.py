@@ -69,14 +69,23 @@ def cmd_course(args) -> int:
 def cmd_train_mini(args) -> int:
     import dataclasses
 
-    from .train_mini import TrainMiniConfig, train_mini
+    from .train_mini import RecipeMismatch, TrainMiniConfig, train_mini
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainMiniConfig)
                  if getattr(args, f.name, None) is not None}
     if "unet_channels" in overrides:
         overrides["unet_channels"] = tuple(overrides["unet_channels"])
     out = args.out or paths.home() / "models" / "tiny-trained"
-    record = train_mini(out, TrainMiniConfig(**overrides), progress=not args.quiet)
+    try:
+        config = TrainMiniConfig(**overrides)   # checks the layout options (e.g. a kind given twice)
+    except ValueError as err:
+        print(f"mdlib train-mini: {err}", file=sys.stderr)
+        return 1
+    try:
+        record = train_mini(out, config, progress=not args.quiet)
+    except RecipeMismatch as err:   # the work folder holds checkpoints of other scenes
+        print(f"mdlib train-mini: {err}", file=sys.stderr)
+        return 1
     print(json.dumps({k: record[k] for k in ("seconds", "final_loss", "vae_scaling_factor")}, indent=2))
     print(f"trained models written to {out}")
     if args.ship:
@@ -86,6 +95,17 @@ def cmd_train_mini(args) -> int:
         print(json.dumps(numbers, indent=2))
         print("installed as the shipped weights (mdlib/weights/tiny-trained); commit them to share them")
     return 0
+
+
+def _share(text: str) -> float:
+    """``--layout-share``'s value: a number in [0, 1]."""
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError(f"a share of the scenes, a number in [0, 1], not {text!r}")
+    return share
 
 
 def _rate(text: str) -> int:
@@ -215,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None)
     t.add_argument("--unet-channels", dest="unet_channels", type=int, nargs="+", default=None,
                    help="the UNet's channels per resolution (default 32 64)")
+    t.add_argument("--layout-share", dest="layout_share", type=_share, default=None, metavar="SHARE",
+                   help="share of the training scenes given a large-scale layout, 0..1 (default 0: none; "
+                        "docs/mini_world.md, \"Scene layouts\"); quality is measured on such scenes too")
+    t.add_argument("--layout-kinds", dest="layout_kinds", nargs="+", choices=("horizon", "wall"), default=None,
+                   help="the layouts' kinds (default: horizon wall)")
     t.add_argument("--ship", action="store_true",
                    help="then measure quality and install the result as mdlib's shipped weights (mdlib/weights)")
     t.add_argument("-q", "--quiet", action="store_true")

@@ -38,7 +38,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,10 @@ class TrainMiniConfig:
             are sampled from such an average (DDPM, SD) because the last weights carry the noise of the last
             batches; at this short training it matters more.
         save_every: steps between checkpoints.
+        layout_share, layout_kinds: the share of training scenes given a large-scale layout and its kinds
+            (:func:`mdlib.synth.scenes.random_scene`'s options; docs/mini_world.md, "Scene layouts"). 0, the
+            default, draws the very scenes drawn before layouts existed; the held-out scenes of :func:`quality`
+            follow the trained folder's settings. The record (and a resumed run's work folder) keeps them.
     """
 
     seed: int = 0
@@ -106,34 +110,118 @@ class TrainMiniConfig:
     unet_pooled_text: bool = True
     unet_ema: float = 0.999
     save_every: int = 250
+    layout_share: float = 0.0
+    layout_kinds: tuple[str, ...] = ("horizon", "wall")   # mdlib.synth.scenes.LAYOUT_KINDS (imported lazily)
+
+    def __post_init__(self):
+        from mdlib.synth.scenes import check_layout_options
+
+        share, kinds = check_layout_options(self.layout_share, self.layout_kinds)
+        object.__setattr__(self, "layout_share", share)   # frozen: normalised once, here
+        object.__setattr__(self, "layout_kinds", kinds)
+
+
+def scene_settings(config: TrainMiniConfig) -> dict[str, Any]:
+    """The recipe's layout options as the record keeps them: ``{}`` for scenes without layouts (share 0, the
+    default, so the default recipe's record is the one written before layouts existed), else ``layout_share``
+    and ``layout_kinds`` (a list)."""
+    if config.layout_share == 0:
+        return {}
+    return {"layout_share": float(config.layout_share), "layout_kinds": list(config.layout_kinds)}
+
+
+def recipe_record(config: TrainMiniConfig) -> dict[str, Any]:
+    """The recipe as ``mdlib_trained.json`` records it: every field, the layout options only when non-zero."""
+    rec = {k: v for k, v in asdict(config).items() if k not in ("layout_share", "layout_kinds")}
+    return {**rec, **scene_settings(config)}
+
+
+def recorded_scene_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    """The layout options a trained folder's record (``mdlib_trained.json``) holds: ``{}`` when it holds none
+    (the default scenes; also for a folder without a record, such as the untrained tiny build)."""
+    path = Path(folder) / "mdlib_trained.json"
+    if not path.is_file():
+        return {}
+    recipe = json.loads(path.read_text()).get("config", {})
+    if not recipe.get("layout_share"):
+        return {}
+    return {"layout_share": float(recipe["layout_share"]),
+            "layout_kinds": list(recipe.get("layout_kinds", TrainMiniConfig.layout_kinds))}
 
 
 # ------------------------------------------------------------------------------------------------ scenes
 
 @dataclass
 class ScenePool:
-    """Rendered scenes: ``images`` (n, S, S, 3) uint8 and 5 ``captions`` per scene."""
+    """Rendered scenes: ``images`` (n, S, S, 3) uint8, 5 ``captions`` per scene and the ``scenes`` themselves
+    (:class:`mdlib.synth.scenes.Scene`)."""
 
     images: np.ndarray
     captions: list[list[str]]
+    scenes: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.images)
 
 
-def scene_pool(n: int, seed: int, image_size: int, stream: int = 0, progress: bool = False) -> ScenePool:
+def scene_pool(n: int, seed: int, image_size: int, stream: int = 0, progress: bool = False,
+               layout_share: float = 0.0, layout_kinds: Sequence[str] = ("horizon", "wall")) -> ScenePool:
     """``n`` scenes of mini-NSD's distribution from seed stream ``(seed, 7, stream)`` (0: training, 1: held
-    out), rendered at ``image_size`` px. Deterministic."""
+    out), rendered at ``image_size`` px. Deterministic. ``layout_share`` of them get a large-scale layout of
+    ``layout_kinds`` (:func:`mdlib.synth.scenes.random_scene`); at 0, the default, no layout draw is made, so
+    the pool is the one drawn before layouts existed."""
     from mdlib.synth import scenes
 
     rng = np.random.default_rng([int(seed), 7, int(stream)])
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
-    caps = []
+    caps, drawn = [], []
     for k in progress_bar(range(n), desc="rendering scenes", unit="scene", progress=progress, mininterval=2):
-        scene = scenes.random_scene(rng)
+        scene = scenes.random_scene(rng, layout_share=layout_share, layout_kinds=layout_kinds)
         images[k] = scenes.render(scene, size=image_size)
         caps.append(scenes.captions(scene, rng))
-    return ScenePool(images, caps)
+        drawn.append(scene)
+    return ScenePool(images, caps, drawn)
+
+
+# A work folder's scene settings: a resumed run must train on the scenes its checkpoints were trained on.
+WORK_SCENES = "scenes.json"
+
+
+class RecipeMismatch(ValueError):
+    """A work folder holds checkpoints of another recipe than the one asked for (:func:`claim_work_folder`)."""
+
+
+def _describe(settings: dict) -> tuple[str, str]:
+    """Scene settings in words, and as ``mdlib train-mini``'s options."""
+    if not settings:
+        return "scenes without layouts (layout_share 0)", "--layout-share 0 (the default)"
+    kinds = " ".join(settings["layout_kinds"])
+    return (f"layout_share {settings['layout_share']:g}, layout_kinds {kinds}",
+            f"--layout-share {settings['layout_share']:g} --layout-kinds {kinds}")
+
+
+def claim_work_folder(work: str | os.PathLike, config: TrainMiniConfig) -> None:
+    """Check that the checkpoints in ``work`` (if any) were trained on ``config``'s scenes, then record those
+    settings there (``scenes.json``). Checkpoints without that file predate layouts: default scenes.
+
+    Raises :class:`RecipeMismatch` (naming the folder and the fix) when they differ; nothing is written then.
+    """
+    work = Path(work)
+    wanted = scene_settings(config)
+    path = work / WORK_SCENES
+    if path.is_file():
+        have = json.loads(path.read_text())
+    elif any((work / stage / "state.json").is_file() for stage in STAGES):
+        have = {}
+    else:
+        have = None
+    if have is not None and have != wanted:
+        (had, had_flags), (asked, _) = _describe(have), _describe(wanted)
+        raise RecipeMismatch(
+            f"{work} holds checkpoints trained on {had}, but this run asks for {asked}; resuming would mix the "
+            f"two. To resume, rerun with {had_flags}; to start over, train into another folder (another OUT, "
+            f"or another work folder) or delete {work} first.")
+    write_json_atomic(path, wanted)
 
 
 def _unit(images: np.ndarray) -> torch.Tensor:
@@ -418,10 +506,12 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
     out = Path(out).expanduser()
     work = Path(work).expanduser() if work else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
+    claim_work_folder(work, config)   # before anything is trained: refuses checkpoints of other scenes
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     before = {stage: stage_seconds(work / stage) for stage in STAGES}   # trained in earlier runs
-    pool = scene_pool(config.n_scenes, config.seed, config.image_size, stream=0, progress=progress)
+    pool = scene_pool(config.n_scenes, config.seed, config.image_size, stream=0, progress=progress,
+                      layout_share=config.layout_share, layout_kinds=config.layout_kinds)
     parts = models.make_tiny_components(seed=config.seed, image_size=config.image_size)
     tiny = models.tiny_models_dir()   # the tokenizer files (CLIP's BPE) of the tiny build
     from transformers import CLIPTokenizer
@@ -434,7 +524,7 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
         parts["unet"] = UNet2DConditionModel.from_config(trained_unet_config(config))
     for m in (parts["vae"], parts["unet"], parts["text_encoder"], parts["clip"]):
         m.requires_grad_(True)
-    record: dict[str, Any] = {"config": asdict(config), "seconds": {}, "final_loss": {}}
+    record: dict[str, Any] = {"config": recipe_record(config), "seconds": {}, "final_loss": {}}
 
     losses = train_vae(parts["vae"], pool, config, work / "vae", progress)
     record["final_loss"]["vae"] = float(np.mean(losses[-100:]))
@@ -472,8 +562,13 @@ def train_mini(out: str | os.PathLike, config: TrainMiniConfig | None = None, wo
 # ----------------------------------------------------------------------------------------------- quality
 
 def quality(folder: str | os.PathLike, n_heldout: int = 512, n_samples: int = 64, seed: int = 0,
-            n_tokens: int = 15, device: str | torch.device | None = "cpu", progress: bool = True) -> dict:
+            n_tokens: int = 15, device: str | torch.device | None = "cpu", progress: bool = True,
+            layout_share: float | None = None, layout_kinds: Sequence[str] | None = None) -> dict:
     """How well trained tiny models work, on held-out scenes (seed stream 1, never trained on).
+
+    The held-out scenes have the layout options the folder was trained with (its ``mdlib_trained.json``:
+    :func:`recorded_scene_settings`), unless ``layout_share`` / ``layout_kinds`` say otherwise; non-zero
+    ones are returned with the numbers.
 
     - ``vae_psnr``: PSNR (dB) of the VAE's reconstruction (posterior mean) of the held-out images in [0, 1].
     - ``clip_top1`` / ``clip_top5``: for each held-out image, whether its own caption ranks first / in the top
@@ -488,9 +583,15 @@ def quality(folder: str | os.PathLike, n_heldout: int = 512, n_samples: int = 64
     from mdlib import features, stage1
     from mdlib.sampler import SamplerConfig
 
+    settings = recorded_scene_settings(folder)
+    if layout_share is not None or layout_kinds is not None:
+        settings = scene_settings(TrainMiniConfig(
+            layout_share=settings.get("layout_share", 0.0) if layout_share is None else layout_share,
+            layout_kinds=settings.get("layout_kinds", TrainMiniConfig.layout_kinds) if layout_kinds is None
+            else layout_kinds))
     sd = models.load_sd(folder, device=device)
     clip = models.load_clip_vision(folder, device=sd.device)
-    pool = scene_pool(n_heldout, seed, sd.image_size, stream=1)
+    pool = scene_pool(n_heldout, seed, sd.image_size, stream=1, **settings)
     with torch.no_grad():
         x = _unit(pool.images).to(sd.device)
         recon = torch.cat([sd.vae.decode(sd.vae.encode(x[s:s + 64]).latent_dist.mean).sample
@@ -516,7 +617,7 @@ def quality(folder: str | os.PathLike, n_heldout: int = 512, n_samples: int = 64
             "clip_top5": float((rank < 5).float().mean()), "n_heldout": n_heldout,
             "sample_top1": float((s_sims.argmax(1) == torch.arange(n_samples)).float().mean()),
             "real_top1": float((r_sims.argmax(1) == torch.arange(n_samples)).float().mean()),
-            "n_samples": n_samples, "samples": samples, "prompts": prompts}
+            "n_samples": n_samples, **settings, "samples": samples, "prompts": prompts}
 
 
 def ship(folder: str | os.PathLike, dest: str | os.PathLike | None = None, n_heldout: int = 512,

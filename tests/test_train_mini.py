@@ -276,3 +276,193 @@ def test_the_cli_passes_the_recipe_options_to_train_mini(tmp_path, monkeypatch):
                      "-q"]) == 0
     assert seen["config"] == train_mini.TrainMiniConfig(unet_steps=7, unet_channels=(64, 128))
     assert str(seen["out"]) == str(tmp_path / "m")
+
+
+# ------------------------------------------------------------------------- scene layouts (issue 27, step 2)
+
+def _old_scene_pool(n, seed, image_size, stream):
+    """scene_pool as it was before layouts existed (the reference the default must still match)."""
+    from mdlib.synth import scenes
+
+    rng = np.random.default_rng([seed, 7, stream])
+    images, caps = [], []
+    for _ in range(n):
+        scene = scenes.random_scene(rng)
+        images.append(scenes.render(scene, size=image_size))
+        caps.append(scenes.captions(scene, rng))
+    return np.stack(images), caps
+
+
+def test_the_default_recipe_draws_the_scenes_it_drew_before_layouts():
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from mdlib.synth import scenes
+
+    cfg = train_mini.TrainMiniConfig()
+    assert cfg.layout_share == 0.0 and cfg.layout_kinds == scenes.LAYOUT_KINDS
+    # SHA-256 of the captions of the first 12 scenes of each stream, taken before layouts were added.
+    before = {0: "a7b832b671359d6bb850b4d91d0651470848d326a941600f13a99be5a2b644bc",
+              1: "1d4b8e105d25fd82f8049561561454654fc7340d86c20e7b3830ab2958dc380b"}
+    for stream, digest in before.items():
+        images, caps = _old_scene_pool(12, 0, 32, stream)
+        for pool in (train_mini.scene_pool(12, seed=0, image_size=32, stream=stream),
+                     train_mini.scene_pool(12, seed=0, image_size=32, stream=stream, layout_share=cfg.layout_share,
+                                           layout_kinds=("wall",))):   # kinds do not matter at share 0
+            assert hashlib.sha256(json.dumps(pool.captions).encode()).hexdigest() == digest
+            assert pool.captions == caps and all(s.layout is None for s in pool.scenes)
+            np.testing.assert_array_equal(pool.images, images)
+    # The default recipe's record is the one written before layouts: no layout keys.
+    rec = train_mini.recipe_record(cfg)
+    assert "layout_share" not in rec and "layout_kinds" not in rec
+    assert rec == {k: v for k, v in asdict(cfg).items() if not k.startswith("layout_")}
+    assert train_mini.scene_settings(cfg) == {}
+    # ... so the shipped weights' recipe gives back their record's config, key for key (that record predates
+    # unet_channels too, which the recipe now records at its default).
+    shipped = json.loads((models.SHIPPED_TRAINED_DIR / "mdlib_trained.json").read_text())["config"]
+    again = json.loads(json.dumps(train_mini.recipe_record(train_mini.TrainMiniConfig(**shipped))))
+    assert {k: again[k] for k in shipped} == shipped and not any(k.startswith("layout_") for k in again)
+    assert train_mini.recorded_scene_settings(models.SHIPPED_TRAINED_DIR) == {}
+
+
+def test_a_layout_share_of_one_gives_every_scene_a_layout_of_the_asked_kinds():
+    from mdlib.synth import scenes
+
+    pool = train_mini.scene_pool(200, seed=0, image_size=16, layout_share=1.0, layout_kinds=("horizon",))
+    missing = []
+    for k, scene in enumerate(pool.scenes):
+        np.testing.assert_array_equal(pool.images[k], scenes.render(scene, size=16))
+        if scene.layout is not None:
+            assert scene.layout.kind == "horizon"
+            continue
+        missing.append(k)
+        # random_scene's documented exception: no background colour at least 80 RGB levels from the scene's
+        # and 110 from every object's, so no second region could be drawn.
+        first = np.array(scenes.BACKGROUNDS[scene.background], float)
+        for rgb in scenes.BACKGROUNDS.values():
+            far_from_first = np.linalg.norm(np.array(rgb, float) - first) >= 80
+            far_from_objects = all(np.linalg.norm(np.array(rgb, float) - np.array(scenes.COLOURS[o.colour], float))
+                                   >= 110 for o in scene.objects)
+            assert not (far_from_first and far_from_objects), k
+    assert len(missing) <= 5     # rare: 1 in these 200
+    # Captions state the layout; the first scene is the default pool's first scene plus its layout.
+    assert all("upper" in " ".join(c) or "lower" in " ".join(c) or "horizon" in " ".join(c)
+               for c, s in zip(pool.captions, pool.scenes) if s.layout is not None)
+    from dataclasses import replace
+
+    plain = train_mini.scene_pool(1, seed=0, image_size=16).scenes[0]
+    assert plain.layout is None and replace(pool.scenes[0], layout=None) == plain
+    with pytest.raises(ValueError, match="layout_share"):
+        train_mini.TrainMiniConfig(layout_share=1.5)
+    with pytest.raises(ValueError, match="layout_kinds"):
+        train_mini.TrainMiniConfig(layout_share=1.0, layout_kinds=("wall", "wall"))
+    assert train_mini.TrainMiniConfig(layout_kinds=["wall"]).layout_kinds == ("wall",)
+
+
+def test_layout_training_reaches_the_record_and_quality_and_refuses_other_scenes_on_resume(tmp_path, monkeypatch,
+                                                                                             capsys):
+    import json
+
+    monkeypatch.setenv("MDLIB_DATA", str(tmp_path / "home"))
+    drawn = []
+    real_pool = train_mini.scene_pool
+
+    def spy_pool(*args, **kwargs):   # every pool the training and the quality check draw
+        pool = real_pool(*args, **kwargs)
+        drawn.append((kwargs.get("stream", 0), pool))
+        return pool
+
+    monkeypatch.setattr(train_mini, "scene_pool", spy_pool)
+    cfg = train_mini.TrainMiniConfig(n_scenes=16, vae_steps=2, vae_batch=4, clip_steps=2, clip_batch=4,
+                                     unet_steps=2, unet_batch=4, save_every=1, layout_share=1.0,
+                                     layout_kinds=("wall",))
+    out = tmp_path / "walls"
+    record = train_mini.train_mini(out, cfg, progress=False)
+    assert [stream for stream, _ in drawn] == [0]
+    assert all(s.layout is not None and s.layout.kind == "wall" for s in drawn[0][1].scenes)
+    saved = json.loads((out / "mdlib_trained.json").read_text())
+    assert saved["config"]["layout_share"] == record["config"]["layout_share"] == 1.0
+    assert saved["config"]["layout_kinds"] == ["wall"]
+    assert train_mini.recorded_scene_settings(out) == {"layout_share": 1.0, "layout_kinds": ["wall"]}
+    # quality() measures the folder on held-out scenes of its own kind (read back from its record).
+    q = train_mini.quality(out, n_heldout=8, n_samples=2, progress=False)
+    assert drawn[-1][0] == 1 and all(s.layout is not None and s.layout.kind == "wall" for s in drawn[-1][1].scenes)
+    assert q["layout_share"] == 1.0 and q["layout_kinds"] == ["wall"]
+    held = real_pool(8, seed=0, image_size=64, stream=1, layout_share=1.0, layout_kinds=("wall",))
+    assert q["prompts"] == [c[0] for c in held.captions[:2]]
+    assert q["prompts"] != [c[0] for c in real_pool(2, seed=0, image_size=64, stream=1).captions]
+    plain_q = train_mini.quality(out, n_heldout=8, n_samples=2, progress=False, layout_share=0.0)
+    assert "layout_share" not in plain_q and all(s.layout is None for s in drawn[-1][1].scenes)
+
+    # A rerun with other scene settings is refused before anything is trained or written.
+    work = tmp_path / "walls.work"
+    files = {p: p.read_bytes() for p in sorted(list(out.rglob("*")) + list(work.rglob("*"))) if p.is_file()}
+    n_drawn = len(drawn)
+    for other in (train_mini.TrainMiniConfig(**{**cfg.__dict__, "layout_share": 0.0}),
+                  train_mini.TrainMiniConfig(**{**cfg.__dict__, "layout_kinds": ("horizon", "wall")}),
+                  train_mini.TrainMiniConfig(**{**cfg.__dict__, "layout_share": 0.5})):
+        with pytest.raises(train_mini.RecipeMismatch, match=r"walls\.work.*--layout-share 1 --layout-kinds wall"):
+            train_mini.train_mini(out, other, progress=False)
+    from mdlib import cli
+
+    assert cli.main(["train-mini", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert str(work) in err and "--layout-share 1 --layout-kinds wall" in err and "delete" in err
+    assert len(drawn) == n_drawn   # refused before rendering the scenes
+    assert {p: p.read_bytes() for p in files} == files
+    assert sorted(p for p in list(out.rglob("*")) + list(work.rglob("*")) if p.is_file()) == sorted(files)
+    # The same settings resume (every stage is finished: nothing more is trained; the weights are the same).
+    again = train_mini.train_mini(out, cfg, progress=False)
+    assert again["config"] == record["config"] and again["final_loss"] == record["final_loss"]
+    for name in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (out / name).read_bytes() == files[out / name]
+
+
+def test_checkpoints_from_before_layouts_count_as_default_scenes(tmp_path):
+    work = tmp_path / "old.work"
+    (work / "vae").mkdir(parents=True)
+    (work / "vae" / "state.json").write_text('{"step": 3, "losses": []}')   # no scenes.json: written before
+    with pytest.raises(train_mini.RecipeMismatch, match=r"old\.work.*without layouts.*--layout-share 0"):
+        train_mini.claim_work_folder(work, train_mini.TrainMiniConfig(layout_share=0.25))
+    assert not (work / "scenes.json").exists()
+    train_mini.claim_work_folder(work, train_mini.TrainMiniConfig())        # the default resumes
+    assert (work / "scenes.json").read_text().strip() == "{}"
+    fresh = tmp_path / "fresh.work"                                          # no checkpoints: anything goes
+    fresh.mkdir()
+    train_mini.claim_work_folder(fresh, train_mini.TrainMiniConfig(layout_share=0.25, layout_kinds=("horizon",)))
+    import json
+
+    assert json.loads((fresh / "scenes.json").read_text()) == {"layout_share": 0.25, "layout_kinds": ["horizon"]}
+
+
+def test_the_cli_passes_the_layout_options_to_train_mini(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_train(out, config, progress=True):
+        seen.update(config=config)
+        return {"seconds": {}, "final_loss": {}, "vae_scaling_factor": 1.0}
+
+    monkeypatch.setattr(train_mini, "train_mini", fake_train)
+    from mdlib import cli
+    from mdlib.synth import scenes
+
+    out = str(tmp_path / "m")
+    assert cli.main(["train-mini", out, "--layout-share", "1.0", "--layout-kinds", "wall", "-q"]) == 0
+    assert seen["config"] == train_mini.TrainMiniConfig(layout_share=1.0, layout_kinds=("wall",))
+    assert cli.main(["train-mini", out, "--layout-share", "0.5", "-q"]) == 0
+    assert seen["config"] == train_mini.TrainMiniConfig(layout_share=0.5)
+    assert seen["config"].layout_kinds == scenes.LAYOUT_KINDS
+    assert cli.main(["train-mini", out, "-q"]) == 0 and seen["config"] == train_mini.TrainMiniConfig()
+    parser = cli.build_parser()
+    kinds = next(a for s in parser._subparsers._group_actions for n, p in s.choices.items() if n == "train-mini"
+                 for a in p._actions if a.dest == "layout_kinds")
+    assert tuple(kinds.choices) == scenes.LAYOUT_KINDS
+    capsys.readouterr()
+    for bad in (["--layout-share", "1.5"], ["--layout-share", "half"], ["--layout-kinds", "sky"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["train-mini", out, *bad, "-q"])
+        assert exit_info.value.code == 2 and bad[0] in capsys.readouterr().err   # argparse names the option
+    seen.clear()
+    assert cli.main(["train-mini", out, "--layout-share", "1", "--layout-kinds", "wall", "wall", "-q"]) == 1
+    assert "layout_kinds must be distinct" in capsys.readouterr().err and not seen
