@@ -24,7 +24,7 @@ from mdlib import features, paths, selection
 from mdlib.cachekey import cache_key
 from mdlib.nsd.betas import load_betas
 from mdlib.record import write_npz_atomic
-from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
+from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target, r2_from_mse
 
 #: Bump when cached predictions change meaning.
 CACHE_VERSION = 2
@@ -205,9 +205,7 @@ def decode_features(data_root: str | os.PathLike, subject: int, sd=None, clip=No
         out.true[fam] = Y[test].reshape(len(test), *shape).astype(np.float32)
         out.r[fam] = pearson_per_target(Y[test], pred)
         out.alpha[fam] = alpha
-        var = Y[train].astype(np.float64).var(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out.cv_r2[fam] = np.where(var > 0, 1.0 - cv_mse / np.where(var > 0, var, 1.0), np.nan)
+        out.cv_r2[fam] = r2_from_mse(cv_mse, Y[train])
         out.score[fam] = out.cv_r2[fam] if score is None else np.asarray(score, dtype=np.float64)
     return out
 

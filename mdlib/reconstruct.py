@@ -277,9 +277,9 @@ class Job:
             if not self.transfer.uses_references:
                 object.__setattr__(self, "transfer", dataclasses.replace(self.transfer, references=()))
             elif not self.transfer.references:   # the papers' subjects other than the new one
-                from mdlib.nsd.layout import FULL_SUBJECTS
+                from mdlib.transfer_data import default_references
 
-                refs = tuple(r for r in FULL_SUBJECTS if r != int(self.subject))
+                refs = tuple(default_references(self.subject))
                 object.__setattr__(self, "transfer", dataclasses.replace(self.transfer, references=refs))
             if int(self.subject) in self.transfer.references:
                 raise ValueError(f"--from: subject {self.subject} is the new subject and cannot be its own reference")

@@ -101,6 +101,14 @@ PathLike = str | os.PathLike
 
 
 # -- small helpers ------------------------------------------------------------------------------------------
+def r2_from_mse(mse, Y) -> np.ndarray:
+    """(t,) float64 R^2 of each target from its mean squared error, e.g. a decoder's leave-one-out ``cv_mse_``:
+    1 - mse / var(Y), the variance over Y's rows (ddof 0); NaN for a constant target. Y: (n, t)."""
+    var = np.asarray(Y, dtype=np.float64).var(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(var > 0, 1.0 - np.asarray(mse, dtype=np.float64) / np.where(var > 0, var, 1.0), np.nan)
+
+
 def pearson_per_target(Y: np.ndarray, Y_hat: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Pearson r between each column of ``Y`` and of ``Y_hat``, computed in float64: (t,)
     (:func:`mdlib.stats.pearson`, a block of columns at a time).

@@ -40,7 +40,7 @@ import torch
 
 from mdlib.decoding import voxel_mean_sd
 from mdlib.progress import bar as progress_bar
-from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target
+from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target, r2_from_mse
 
 #: The methods :func:`compare` runs, in the order of its tables.
 METHODS = ("align", "shared", "scratch", "full")
@@ -672,7 +672,7 @@ def fit_references(references: Mapping[int, tuple[Responses, Responses]], target
                 decoders[r].fit(X_r, Y_r)
             else:     # the alphas and errors, chunk by chunk, no p x t coefficients kept
                 decoders[r].fit_predict(X_r, Y_r, X_r[:1])
-            r2[r] = _cv_r2(decoders[r], Y_r)
+            r2[r] = r2_from_mse(decoders[r].cv_mse_, Y_r)
             if shared:
                 Yt.append(Y_r)
                 Yp.append(loo_predictions(X_r, Y_r, decoders[r].alpha_, device))
@@ -883,17 +883,7 @@ def _fit_predict(X, Y, X_test, alphas, device) -> tuple[np.ndarray, np.ndarray]:
     """Ridge fitted on (X, Y): the predictions of X_test (float32) and each target's leave-one-out R^2."""
     dec = _ridge(alphas, device)
     pred = np.asarray(dec.fit_predict(X, Y, X_test), dtype=np.float32)
-    return pred, _cv_r2(dec, Y)
-
-
-def _cv_r2(decoder: RidgeDecoder, Y) -> np.ndarray:
-    """(t,) float64 leave-one-out R^2 of each target of a fitted leave-one-out ridge: 1 - cv_mse / var(Y) (NaN
-    for a constant target), the score lesson 03's decoders select stage 2's features by
-    (:attr:`mdlib.decoding.Decoded.cv_r2`)."""
-    var = np.asarray(Y, dtype=np.float64).var(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(var > 0, 1.0 - np.asarray(decoder.cv_mse_, dtype=np.float64) / np.where(var > 0, var, 1.0),
-                        np.nan)
+    return pred, r2_from_mse(dec.cv_mse_, Y)   # the score lesson 03's decoders select stage 2's features by
 
 
 def _compact(sessions) -> str:
