@@ -833,6 +833,47 @@ class RidgeDecoder:
 
 
 # -- the per-chunk computations -----------------------------------------------------------------------------
+def loo_predictions(X: np.ndarray, Y, alpha, device=None, chunk: int = 4096) -> np.ndarray:
+    """(n, t) float32: each training image's targets predicted by the ridge fitted on the other images.
+
+    Exact and without refitting: the leave-one-out residual of image i is r_i / d_i, the same r and d (hat
+    matrix with the intercept) with which :class:`RidgeDecoder` chooses its alphas (module docstring, "The
+    maths of the LOO mode"), so one eigendecomposition serves every alpha; computed in float64.
+
+    Args:
+        X: (n, p) voxels, as the decoder saw them (not standardised here). Y: (n, t) targets (anything
+            sliceable by columns).
+        alpha: (t,) each target's alpha (e.g. a fitted decoder's ``alpha_``), or one for all.
+        device: where it runs (None: CUDA when available). chunk: targets per step.
+    """
+    X = _as_2d_x(X, "X")
+    n, p = X.shape
+    if n < 2:
+        raise ValueError(f"leave-one-out needs at least 2 images, got {n}")
+    t = Y.shape[1]
+    alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (t,))
+    if np.any(~np.isfinite(alpha)) or np.any(alpha <= 0):
+        raise ValueError("alpha must be finite and positive")
+    dev = resolve_device(device)
+    mean, _ = _column_mean_sd(X)
+    dec = _Decomposition(_Standardised(X, mean, np.ones(p), dev), n, p, torch.float64)
+    grid = np.unique(alpha)
+    terms = dec.alpha_terms(torch.as_tensor(grid, dtype=torch.float64, device=dev))
+    out = np.empty((n, t), dtype=np.float32)
+    for b, a in enumerate(grid):
+        cols = np.flatnonzero(alpha == a)
+        w, d = terms["w"][:, b], terms["d"][:, b]
+        for j0 in range(0, cols.size, chunk):
+            c = cols[j0:j0 + chunk]
+            Yb = torch.as_tensor(np.asarray(Y[:, c], dtype=np.float64), device=dev)
+            Yc = Yb - Yb.mean(0)
+            r = dec.M64 @ (w[:, None] * (dec.M64.T @ Yc))
+            if dec.mode == "cov":
+                r += Yc
+            out[:, c] = (Yb - r / d[:, None]).cpu().numpy()
+    return out
+
+
 def _column_mean_sd(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float64 mean and sd (ddof 0) of each column, in row blocks (no float64 copy of X)."""
     s1 = np.zeros(X.shape[1])

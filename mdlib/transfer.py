@@ -40,7 +40,7 @@ import torch
 
 from mdlib.decoding import voxel_mean_sd
 from mdlib.progress import bar as progress_bar
-from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, pearson_per_target, r2_from_mse
+from mdlib.ridge import DEFAULT_ALPHAS, RidgeDecoder, loo_predictions, pearson_per_target, r2_from_mse
 
 #: The methods :func:`compare` runs, in the order of its tables.
 METHODS = ("align", "shared", "scratch", "full")
@@ -437,7 +437,7 @@ class SharedSpace:
 
     def fit(self, Y_true: Sequence[np.ndarray], Y_pred: Sequence[np.ndarray]) -> SharedSpace:
         """Fit on each reference's true features ``Y_true[s]`` (n_s, t) and out-of-fold predictions
-        ``Y_pred[s]`` (n_s, t) of the same images (:func:`loo_predictions`)."""
+        ``Y_pred[s]`` (n_s, t) of the same images (:func:`mdlib.ridge.loo_predictions`)."""
         Y_true, Y_pred = list(Y_true), list(Y_pred)
         if not Y_true or len(Y_true) != len(Y_pred):
             raise ValueError(f"SharedSpace.fit needs one (true, predicted) pair per reference; got {len(Y_true)} "
@@ -570,60 +570,13 @@ class SpaceDecoder:
 
     def loo_r2(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """(t,) each feature's leave-one-out R^2 on the images it was fitted on (``X``, ``Y`` of :meth:`fit`):
-        every image's coordinates predicted without it (:func:`loo_predictions`, the fitted alphas), then
-        mapped back to the features. Stage 2's selection score (:meth:`TransferResult.decoded`)."""
+        every image's coordinates predicted without it (:func:`mdlib.ridge.loo_predictions`, the fitted
+        alphas), then mapped back to the features. Stage 2's selection score (:meth:`TransferResult.decoded`)."""
         if self.ridge_ is None:
             raise RuntimeError("SpaceDecoder is not fitted: call fit(X, Y) first")
         L = loo_predictions(X, self.space.project(Y), self.ridge_.alpha_, self.ridge_.device)
         r2 = _r2(np.asarray(Y, dtype=np.float64), self.space.reconstruct(L).astype(np.float64))
         return np.where(np.isfinite(r2), r2, np.nan)       # a constant feature: NaN, as lesson 03's cv_r2
-
-
-def loo_predictions(X: np.ndarray, Y: np.ndarray, alpha, device=None, chunk: int = 4096) -> np.ndarray:
-    """(n, t) float32: each image's features predicted by the ridge fitted on the other images (leave-one-out).
-
-    Exact and without refitting: with the intercept fitted and not penalised, the fit is a linear smoother
-    H = 11'/n + Xc (Xc'Xc + a I)^-1 Xc', and the left-out residual of image i is r_i / (1 - H_ii) (the
-    identity :class:`mdlib.ridge.RidgeDecoder` chooses its alphas with). One eigendecomposition serves every
-    alpha.
-
-    Args:
-        X: (n, p) voxels, as the decoder saw them (not standardised here). Y: (n, t) features.
-        alpha: (t,) each target's alpha (e.g. a fitted decoder's ``alpha_``), or one for all.
-        device: where it runs (None: CUDA when available). chunk: targets per step.
-    """
-    from mdlib.device import resolve_device
-
-    dev = resolve_device(device)
-    X = torch.as_tensor(np.asarray(X), dtype=torch.float64, device=dev)
-    n, p = X.shape
-    if n < 2:
-        raise ValueError(f"leave-one-out needs at least 2 images, got {n}")
-    Xc = X - X.mean(0)
-    if n <= p:
-        lam, U = torch.linalg.eigh(Xc @ Xc.T)
-    else:  # the left singular vectors from the smaller p x p problem
-        lam, V = torch.linalg.eigh(Xc.T @ Xc)
-        U = (Xc @ V) / lam.clamp_min(1e-300).sqrt()
-    keep = lam > lam.max() * 1e-12 * max(n, p)          # directions with no variance carry no fit
-    lam, U = lam[keep], U[:, keep]
-    Y = np.asarray(Y)
-    t = Y.shape[1]
-    alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (t,))
-    if np.any(~np.isfinite(alpha)) or np.any(alpha <= 0):
-        raise ValueError("alpha must be finite and positive")
-    out = np.empty((n, t), dtype=np.float32)
-    for a in np.unique(alpha):
-        cols = np.flatnonzero(alpha == a)
-        f = lam / (lam + float(a))
-        h = (U * U) @ f + 1.0 / n                          # the leverages H_ii, intercept included
-        for j0 in range(0, cols.size, chunk):
-            c = cols[j0:j0 + chunk]
-            Yb = torch.as_tensor(np.asarray(Y[:, c], dtype=np.float64), device=dev)
-            Yc = Yb - Yb.mean(0)
-            resid = Yc - U @ (f[:, None] * (U.T @ Yc))
-            out[:, c] = (Yb - resid / (1.0 - h)[:, None]).cpu().numpy()
-    return out
 
 
 @dataclass(eq=False)
@@ -898,4 +851,4 @@ def _compact(sessions) -> str:
 
 __all__ = ["METHODS", "METHOD_TITLES", "Alignment", "ReferenceModels", "Responses", "SharedSpace", "SpaceDecoder",
            "TargetTable", "TransferInputs", "TransferResult", "TransferSplit", "compare", "fit_references",
-           "hour_trials", "loo_predictions", "shared_per_session", "standardize", "transfer_split"]
+           "hour_trials", "shared_per_session", "standardize", "transfer_split"]

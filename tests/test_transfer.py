@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mdlib import transfer
+from mdlib import ridge, transfer
 from mdlib.nsd.design import Design
 from mdlib.ridge import RidgeDecoder, pearson_per_target
 
@@ -140,7 +140,7 @@ def test_alignment_recovers_a_linear_map(rng):
 def loo(X, Y):
     """Leave-one-out predictions at the alphas a ridge decoder chooses: what fit_references gives SharedSpace."""
     dec = RidgeDecoder(alphas=ALPHAS, device="cpu", progress=False).fit(X, Y)
-    return transfer.loo_predictions(X, Y, dec.alpha_, "cpu")
+    return ridge.loo_predictions(X, Y, dec.alpha_, "cpu")
 
 
 @pytest.mark.parametrize("shape", [(12, 30), (30, 6)])            # fewer images than voxels, and more
@@ -149,7 +149,7 @@ def test_loo_predictions_equal_refits_without_each_image(rng, shape):
     X = rng.standard_normal((n, p))
     Y = X[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((n, 4)) + 5.0   # an intercept to fit
     alpha = np.array([0.1, 1.0, 10.0, 1.0])
-    got = transfer.loo_predictions(X, Y, alpha, "cpu")
+    got = ridge.loo_predictions(X, Y, alpha, "cpu")
     want = np.empty_like(got)
     for i in range(n):
         keep = np.arange(n) != i
@@ -157,6 +157,19 @@ def test_loo_predictions_equal_refits_without_each_image(rng, shape):
             dec = RidgeDecoder(fixed_alpha=a, device="cpu", dtype="float64", progress=False).fit(X[keep], Y[keep, j])
             want[i, j] = dec.predict(X[i:i + 1])[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 6)])
+def test_loo_predictions_give_the_decoders_own_loo_errors(rng, shape):
+    """The same leave-one-out maths as the decoder's choice of alpha: its cv_mse_ is their mean squared error,
+    also with collinear voxels (a duplicated column: a direction with no variance)."""
+    n, p = shape
+    X = rng.standard_normal((n, p))
+    X[:, -1] = X[:, 0]
+    Y = X[:, :3] @ rng.standard_normal((3, 5)) + rng.standard_normal((n, 5))
+    dec = RidgeDecoder(alphas=ALPHAS, device="cpu", dtype="float64", progress=False).fit(X, Y)
+    got = ridge.loo_predictions(X, Y, dec.alpha_, "cpu")
+    np.testing.assert_allclose(((got - Y) ** 2).mean(0), dec.cv_mse_, rtol=1e-5)
 
 
 def planted(rng, n_subjects=4, n=200, k=3, t=60, p=40, feature_noise=1.0, voxel_noise=0.3, unseen=0.0):
@@ -245,9 +258,9 @@ def test_space_decoder_and_shared_space_errors(rng):
     with pytest.raises(RuntimeError, match="not fitted"):
         transfer.SharedSpace().project(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="at least 2 images"):
-        transfer.loo_predictions(np.zeros((1, 2)), np.zeros((1, 1)), 1.0, "cpu")
+        ridge.loo_predictions(np.zeros((1, 2)), np.zeros((1, 1)), 1.0, "cpu")
     with pytest.raises(ValueError, match="finite and positive"):
-        transfer.loo_predictions(np.ones((3, 2)), np.ones((3, 1)), 0.0, "cpu")
+        ridge.loo_predictions(np.ones((3, 2)), np.ones((3, 1)), 0.0, "cpu")
 
 
 def test_principal_axes_randomised_equals_exact(rng):
