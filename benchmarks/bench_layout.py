@@ -22,7 +22,8 @@ decoding, sampler and published stage 2, lr 0.05), it reports:
 3. the tiny CLIP's mirror correlation per block: the Pearson correlation between a stimulus's patch-token
    features and its left-right mirror image's, mean over the images, next to the correlation with another
    test image's (the issue found 0.87-0.91 on mini-NSD's layout-free scenes: CLIP's blocks barely told a
-   scene from its mirror image, so a loss on them could not ask for a layout);
+   scene from its mirror image, so a loss on them could not ask for a layout); with ``--models`` a folder,
+   for the shipped CLIP (before) and that folder's (after), on the same stimuli;
 4. the success test, fixed before any run (issue 27): *the published stage 2 (10 iterations, decoded
    features, the lessons' setting) lowers the region error of stage 1 from the decoded (z, c) by at least a
    quarter of the way to the ceiling (stage 1 from the true (z, c)), on the mean over the test images, and
@@ -242,8 +243,17 @@ def main(argv=None) -> None:
     print("Wall time of the published runs: " + "; ".join(f"{k}: {fmt_time(v)}" for k, v in walls.items()) + ".\n")
 
     print(f"## The tiny CLIP's mirror correlation ({len(stim)} stimuli, patch tokens)\n")
-    _print_table(("block", "r with its mirror image", "r with another test image"), ("{}", "{:.3f}", "{:.3f}"),
-                 mirror_correlations(clip, stim))
+    after = mirror_correlations(clip, stim)
+    if args.models == "tiny-trained":
+        _print_table(("block", "r with its mirror image", "r with another test image"), ("{}", "{:.3f}", "{:.3f}"),
+                     after)
+    else:     # before (the shipped CLIP, trained without layouts) and after (these models'), same stimuli
+        shipped = models.load_clip_vision("tiny-trained", device=args.device, normalization=config.clip_normalization)
+        before = mirror_correlations(shipped, stim)
+        print("Before: the shipped tiny CLIP (trained on scenes without layouts); after: --models's CLIP.\n")
+        _print_table(("block", "mirror r, before", "mirror r, after", "other image r, before",
+                      "other image r, after"), ("{}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.3f}"),
+                     [(b[0], b[1], a[1], b[2], a[2]) for b, a in zip(before, after)])
 
     print(f"## The success test (fixed in advance: stage 2 covers at least {SUCCESS_FRACTION:g} of the way to the "
           f"ceiling, paired one-sided p < {SUCCESS_ALPHA:g})\n")

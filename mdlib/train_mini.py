@@ -185,6 +185,10 @@ def scene_pool(n: int, seed: int, image_size: int, stream: int = 0, progress: bo
 
 # A work folder's scene settings: a resumed run must train on the scenes its checkpoints were trained on.
 WORK_SCENES = "scenes.json"
+#: Besides the layout options, what a work folder's checkpoints depend on, recorded with them: the scenes drawn
+#: (seed, size, count) and the networks' shapes. Steps, batches and rates may change on a resume (a longer run).
+WORK_KEYS = ("seed", "image_size", "n_scenes", "n_tokens", "unet_channels", "unet_heads", "unet_pooled_text")
+_LAYOUT_KEYS = ("layout_share", "layout_kinds")
 
 
 class RecipeMismatch(ValueError):
@@ -200,14 +204,22 @@ def _describe(settings: dict) -> tuple[str, str]:
             f"--layout-share {settings['layout_share']:g} --layout-kinds {kinds}")
 
 
+def work_settings(config: TrainMiniConfig) -> dict[str, Any]:
+    """What ``scenes.json`` records: :func:`scene_settings` plus the :data:`WORK_KEYS` (tuples as lists)."""
+    rec = {k: getattr(config, k) for k in WORK_KEYS}
+    return {**scene_settings(config), **{k: list(v) if isinstance(v, tuple) else v for k, v in rec.items()}}
+
+
 def claim_work_folder(work: str | os.PathLike, config: TrainMiniConfig) -> None:
-    """Check that the checkpoints in ``work`` (if any) were trained on ``config``'s scenes, then record those
-    settings there (``scenes.json``). Checkpoints without that file predate layouts: default scenes.
+    """Check that the checkpoints in ``work`` (if any) were trained on ``config``'s scenes and network shapes,
+    then record those settings there (``scenes.json``, :func:`work_settings`). Checkpoints without that file
+    predate layouts: default scenes; a file without a :data:`WORK_KEYS` entry (written before they were
+    recorded) accepts any value of it.
 
     Raises :class:`RecipeMismatch` (naming the folder and the fix) when they differ; nothing is written then.
     """
     work = Path(work)
-    wanted = scene_settings(config)
+    wanted = work_settings(config)
     path = work / WORK_SCENES
     if path.is_file():
         have = json.loads(path.read_text())
@@ -215,12 +227,20 @@ def claim_work_folder(work: str | os.PathLike, config: TrainMiniConfig) -> None:
         have = {}
     else:
         have = None
-    if have is not None and have != wanted:
-        (had, had_flags), (asked, _) = _describe(have), _describe(wanted)
-        raise RecipeMismatch(
-            f"{work} holds checkpoints trained on {had}, but this run asks for {asked}; resuming would mix the "
-            f"two. To resume, rerun with {had_flags}; to start over, train into another folder (another OUT, "
-            f"or another work folder) or delete {work} first.")
+    if have is not None:
+        had_scenes = {k: have[k] for k in _LAYOUT_KEYS if k in have}
+        if had_scenes != scene_settings(config):
+            (had, had_flags), (asked, _) = _describe(had_scenes), _describe(scene_settings(config))
+            raise RecipeMismatch(
+                f"{work} holds checkpoints trained on {had}, but this run asks for {asked}; resuming would mix "
+                f"the two. To resume, rerun with {had_flags}; to start over, train into another folder (another "
+                f"OUT, or another work folder) or delete {work} first.")
+        other = [k for k in WORK_KEYS if k in have and have[k] != wanted[k]]
+        if other:
+            said = ", ".join(f"{k} {have[k]} (asked: {wanted[k]})" for k in other)
+            raise RecipeMismatch(
+                f"{work} holds checkpoints trained with {said}; resuming would mix the two. To resume, rerun "
+                f"with those values; to start over, train into another folder or delete {work} first.")
     write_json_atomic(path, wanted)
 
 

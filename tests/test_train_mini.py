@@ -1,6 +1,8 @@
 """mdlib.train_mini: checkpoints restore weights and optimizer exactly, an interrupted stage resumes to the
 weights of an uninterrupted one, and a few steps of every stage give a folder the loaders read."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -427,13 +429,38 @@ def test_checkpoints_from_before_layouts_count_as_default_scenes(tmp_path):
         train_mini.claim_work_folder(work, train_mini.TrainMiniConfig(layout_share=0.25))
     assert not (work / "scenes.json").exists()
     train_mini.claim_work_folder(work, train_mini.TrainMiniConfig())        # the default resumes
-    assert (work / "scenes.json").read_text().strip() == "{}"
+    import json
+
+    shapes = {"seed": 0, "image_size": 64, "n_scenes": 8000, "n_tokens": 15, "unet_channels": [32, 64],
+              "unet_heads": 2, "unet_pooled_text": True}
+    assert json.loads((work / "scenes.json").read_text()) == shapes
     fresh = tmp_path / "fresh.work"                                          # no checkpoints: anything goes
     fresh.mkdir()
     train_mini.claim_work_folder(fresh, train_mini.TrainMiniConfig(layout_share=0.25, layout_kinds=("horizon",)))
+    assert json.loads((fresh / "scenes.json").read_text()) == {"layout_share": 0.25, "layout_kinds": ["horizon"],
+                                                               **shapes}
+
+
+def test_a_work_folder_refuses_another_seed_or_network_shape_but_not_more_steps(tmp_path):
     import json
 
-    assert json.loads((fresh / "scenes.json").read_text()) == {"layout_share": 0.25, "layout_kinds": ["horizon"]}
+    work = tmp_path / "run.work"
+    (work / "unet").mkdir(parents=True)
+    cfg = train_mini.TrainMiniConfig(layout_share=1.0)
+    train_mini.claim_work_folder(work, cfg)                                  # a new run claims the folder
+    (work / "unet" / "state.json").write_text('{"step": 3, "losses": []}')  # then checkpoints
+    before = (work / "scenes.json").read_bytes()
+    for change, named in (({"seed": 1}, "seed 0 (asked: 1)"), ({"n_scenes": 500}, "n_scenes 8000 (asked: 500)"),
+                          ({"unet_channels": (64, 64)}, "unet_channels [32, 64] (asked: [64, 64])"),
+                          ({"unet_heads": 4}, "unet_heads 2 (asked: 4)")):
+        with pytest.raises(train_mini.RecipeMismatch, match=r"run\.work.*" + re.escape(named)):
+            train_mini.claim_work_folder(work, train_mini.TrainMiniConfig(**{**cfg.__dict__, **change}))
+        assert (work / "scenes.json").read_bytes() == before                 # nothing written
+    train_mini.claim_work_folder(work, train_mini.TrainMiniConfig(**{**cfg.__dict__, "unet_steps": 5000}))
+    # A record from before these keys were kept (layout options only) accepts them, then records them.
+    (work / "scenes.json").write_text('{"layout_share": 1.0, "layout_kinds": ["horizon", "wall"]}')
+    train_mini.claim_work_folder(work, train_mini.TrainMiniConfig(**{**cfg.__dict__, "seed": 7}))
+    assert json.loads((work / "scenes.json").read_text())["seed"] == 7
 
 
 def test_the_cli_passes_the_layout_options_to_train_mini(tmp_path, monkeypatch, capsys):
