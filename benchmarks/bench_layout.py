@@ -24,7 +24,10 @@ decoding, sampler and published stage 2, lr 0.05), it reports:
    test image's (the issue found 0.87-0.91 on mini-NSD's layout-free scenes: CLIP's blocks barely told a
    scene from its mirror image, so a loss on them could not ask for a layout); with ``--models`` a folder,
    for the shipped CLIP (before) and that folder's (after), on the same stimuli;
-4. the success test, fixed before any run (issue 27): *the published stage 2 (10 iterations, decoded
+4. whether the objective itself asks for the layout (:func:`landscape`): the oracle loss (against the
+   stimuli's own CLIP features) of every image above, of stage 1 along the path from the decoded z to the
+   true one, and of the pixels optimised directly on it, each with its region error;
+5. the success test, fixed before any run (issue 27): *the published stage 2 (10 iterations, decoded
    features, the lessons' setting) lowers the region error of stage 1 from the decoded (z, c) by at least a
    quarter of the way to the ceiling (stage 1 from the true (z, c)), on the mean over the test images, and
    a one-sided paired Wilcoxon signed-rank test across the images gives p < 0.05.* The fraction, the test's
@@ -46,8 +49,8 @@ import torch
 from bench_ridge import fmt_time, machine  # noqa: E402  (a sibling script: benchmarks/ is on sys.path)
 from bench_stage2 import _print_table  # noqa: E402  (the same tables as bench_stage2.py's)
 
-FULL = dict(images=16, iterations=20, scan=200)
-QUICK = dict(images=3, iterations=4, scan=60)
+FULL = dict(images=16, iterations=20, scan=200, pixel_steps=200)
+QUICK = dict(images=3, iterations=4, scan=60, pixel_steps=10)
 #: The success test (issue 27), fixed in advance: the share of the way from stage 1 (decoded) to the ceiling
 #: that the published stage 2 must cover on the mean region error, and the paired test's level.
 SUCCESS_FRACTION = 0.25
@@ -121,6 +124,43 @@ def mirror_correlations(clip, stim: np.ndarray) -> list[tuple]:
 
     blocks = sorted((k for k in f if k.startswith("block")), key=lambda k: int(k[5:]))
     return [(k, r(f[k].cpu(), fm[k].cpu()), r(f[k].cpu(), fo[k].cpu())) for k in blocks]
+
+
+def landscape(sd, clip, config, dec, rows, stim, seeds, images: dict, pixel_steps: int) -> tuple[list, list]:
+    """Does the objective itself ask for the stimulus's layout? Scored with the *oracle* loss (stage 2's loss
+    against the stimuli's own CLIP features, so decoding errors play no part): every image of ``images``, stage 1
+    along z(a) = (1 - a) z_decoded + a z_true (decoded c; at a = 1 the stimulus's layout), and the pixels
+    optimised directly on that loss from stage 1's image (no sampler, no VAE). Rows: (name, oracle loss,
+    region error, PixCorr) for the images, then for the path."""
+    from mdlib import features, metrics, placement, stage1
+
+    targets = config.targets(dec, rows=rows, device=sd.device, use="true")
+
+    def row(name, imgs):
+        with torch.no_grad():
+            loss = float(targets.per_image_loss(features.clip_lowlevel_features(clip, imgs,
+                                                                                differentiable=False)).mean())
+        return (name, loss, float(np.nanmean(placement.layout_errors(imgs, stim).region)),
+                float(metrics.pixcorr(imgs, stim)))
+
+    scored = [row(name, imgs) for name, imgs in images.items()]
+    z, c, z_true = dec.pred["z"][rows], dec.pred["c"][rows], dec.true["z"][rows]
+    path = []
+    for a in np.linspace(0.0, 1.0, 5):
+        imgs = stage1.img2img(sd, (1.0 - a) * z + a * z_true, c, seeds, config=config.sampler, progress=False).images
+        path.append(row(f"stage 1 from z({a:.2f}), decoded c", imgs))
+    # The pixels as the parameters (through a sigmoid, so they stay in [0, 1]), from stage 1's decoded image.
+    start = images["stage 1, decoded (z, c)"]
+    param = torch.logit(features.to_unit_images(start, sd.device).clamp(0.01, 0.99)).clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=0.02)
+    for _ in range(pixel_steps):
+        loss = targets.per_image_loss(features.clip_lowlevel_features(clip, torch.sigmoid(param))).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path.append(row(f"pixels optimised directly from stage 1 (decoded), {pixel_steps} Adam steps",
+                    features.to_uint8_images(torch.sigmoid(param.detach()))))
+    return scored, path
 
 
 def success_test(errors: dict, s1: str, pub: str, ceiling: str) -> list[str]:
@@ -254,6 +294,15 @@ def main(argv=None) -> None:
         _print_table(("block", "mirror r, before", "mirror r, after", "other image r, before",
                       "other image r, after"), ("{}", "{:.3f}", "{:.3f}", "{:.3f}", "{:.3f}"),
                      [(b[0], b[1], a[1], b[2], a[2]) for b, a in zip(before, after)])
+
+    print("  the oracle landscape ...", file=sys.stderr, flush=True)
+    scored, path = landscape(sd, clip, config, dec, rows, stim, seeds, images, cfg["pixel_steps"])
+    print(f"## Does the objective ask for the layout? The oracle loss ({len(stim)} stimuli)\n")
+    print("Oracle loss: stage 2's loss against the stimuli's own CLIP features (decoding errors play no part), mean "
+          "over images; region error as above. z(a) = (1 - a) z_decoded + a z_true with the decoded c: at a = 1 "
+          "stage 1 draws the stimulus's layout.\n")
+    _print_table(("images", "oracle loss", "region error", "PixCorr"), ("{}", "{:.4f}", "{:.4f}", "{:.3f}"),
+                 scored + path)
 
     print(f"## The success test (fixed in advance: stage 2 covers at least {SUCCESS_FRACTION:g} of the way to the "
           f"ceiling, paired one-sided p < {SUCCESS_ALPHA:g})\n")
