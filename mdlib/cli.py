@@ -81,6 +81,11 @@ def cmd_train_mini(args) -> int:
     except ValueError as err:
         print(f"mdlib train-mini: {err}", file=sys.stderr)
         return 1
+    if args.ship and config.layout_share > 0:   # refused before any training
+        print("mdlib train-mini: --ship with --layout-share would replace the course's weights with models of "
+              "another world (the course's mini-NSD has no layouts; docs/mini_world.md, \"Scene layouts\"). "
+              "Train without --ship; bench_layout.py --models OUT measures such a folder.", file=sys.stderr)
+        return 1
     try:
         record = train_mini(out, config, progress=not args.quiet)
     except RecipeMismatch as err:   # the work folder holds checkpoints of other scenes

@@ -19,9 +19,9 @@ mini path's scenes (1-2 flat-coloured shapes on a near-uniform background, :mod:
 
 Both images are compared at ``size`` x ``size`` (bilinear, as :func:`mdlib.metrics.prepare` resizes).
 
-Scenes with a large-scale layout (issue 27's experiment, off in the default mini-NSD: docs/mini_world.md,
-"Scene layouts (an experiment, off by default)") have a boundary between two large regions, a horizon or a
-wall's edge, which the object measures above do not see (their median colour is one region's):
+Scenes with a large-scale layout (an experiment, off in the default mini-NSD: docs/mini_world.md, "Scene
+layouts") have a boundary between two large regions, a horizon or a wall's edge, which the object measures
+above do not see (their median colour is one region's):
 
 - :func:`fit_boundary`: the straight line that splits an image into two colours, from the image alone, robust
   to the objects drawn on top, and a rule for "no boundary";

@@ -493,3 +493,6 @@ def test_the_cli_passes_the_layout_options_to_train_mini(tmp_path, monkeypatch, 
     seen.clear()
     assert cli.main(["train-mini", out, "--layout-share", "1", "--layout-kinds", "wall", "wall", "-q"]) == 1
     assert "layout_kinds must be distinct" in capsys.readouterr().err and not seen
+    # Shipping layout-trained weights as the course's is refused before anything is trained.
+    assert cli.main(["train-mini", out, "--layout-share", "1", "--ship", "-q"]) == 1
+    assert "--ship with --layout-share" in capsys.readouterr().err and not seen

@@ -10,8 +10,8 @@ A scene's content is fully known, so a caption can state it exactly and a simula
   colour and texture along a straight boundary, a horizon or a wall's edge (:data:`LAYOUT_KINDS`,
   :class:`Layout`), drawn anti-aliased like the textures; captions state it first. Scenes get one only when
   :func:`random_scene` is asked for it (``layout_share`` > 0), so the default scenes, and with them the
-  default mini-NSD, are exactly those drawn before layouts existed (docs/mini_world.md, "Scene layouts (an
-  experiment, off by default)").
+  default mini-NSD, are exactly those drawn before layouts existed (docs/mini_world.md, "Scene layouts": an
+  experiment in which stage 2 did not restore them, benchmarks/README.md).
 
 Everything is deterministic given a :class:`numpy.random.Generator`. Images are rendered anti-aliased: drawn at
 ``supersample`` times the size, then box-filtered down (PIL ``Image.reduce``).
