@@ -46,6 +46,9 @@ from mdlib.models import WeightsNotFoundError
 WEIGHT_POLICIES = ("auto", "pretrained", "random")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 #: How to get the pretrained files (said wherever a metric is left out for want of them).
+#: How a source line (:meth:`EvalNetworks.source_lines`) says a network is untrained; tables put such networks
+#: first and loudly (:func:`mdlib.evaluation.header_text`), also for reports read back from disk.
+RANDOM_SOURCE = "RANDOM weights"
 FETCH_HINT = "get them once, online, with `mdlib eval-weights` (about 2.2 GB), as docs/fetch.md says under \"Evaluation weights\""
 #: Facebook's SwAV ResNet-50 (800 epochs), the file torch.hub's ``facebookresearch/swav:main`` loads.
 SWAV_URL = "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar"
@@ -324,7 +327,7 @@ class EvalNetworks:
                         raise RuntimeError(f"the SwAV checkpoint does not fit ResNet-50: missing {missing}, "
                                            f"unexpected {unexpected}")
         if state is None:
-            source = f"RANDOM weights (seed {self.seed}; weights='random')"
+            source = f"{RANDOM_SOURCE} (seed {self.seed}; weights='random')"
         self.sources[key] = source
         self.pretrained[key] = state is not None
         dtype = self.protocol.clip_dtype(self.device, self.dtype) if key == "clip" else self.dtype

@@ -31,7 +31,7 @@ import numpy as np
 
 from mdlib import metrics as M
 from mdlib import protocols as P
-from mdlib.evalnets import FETCH_HINT, METRICS_BY_NAME, EvalNetworks
+from mdlib.evalnets import FETCH_HINT, METRICS_BY_NAME, RANDOM_SOURCE, EvalNetworks
 
 EIGHT_METRICS = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "InceptionV3", "CLIP", "EffNet-B", "SwAV")
 MINDDIFFUSER_METRICS = ("CLIP-cos", "SSIM", "PCC")
@@ -68,7 +68,8 @@ def header_text(protocol: str, sources: Mapping[str, str], left_out: Iterable[st
     """A table's header: random weights first (loudly), the metrics left out, the protocol, each network's
     weight source (``sources``: network key -> line, as :meth:`EvalNetworks.source_lines` gives), the SSIM."""
     lines = []
-    random = [line.split(" (", 1)[0] for line in sources.values() if ": RANDOM weights" in line]
+    # A source line reads "<title> (<size> px...): <weight source>" (EvalNetworks.source_lines).
+    random = [line.split(" (", 1)[0] for line in sources.values() if f": {RANDOM_SOURCE}" in line]
     if random:
         lines.append(f"RANDOM-WEIGHT NETWORKS: {', '.join(random)}. Their columns measure untrained networks: "
                      "compare rows of this table with each other, never with published numbers.")
