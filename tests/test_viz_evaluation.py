@@ -131,6 +131,29 @@ def test_stage1_bars_panels_and_chance_line():
     plt.close("all")
 
 
+def test_placement_adds_the_region_error_on_stimuli_with_a_layout():
+    from mdlib import placement
+    from mdlib.synth import scenes
+
+    def render(height, tilt, x):
+        layout = scenes.Layout("horizon", height, tilt, "dark green", "plain")
+        circle = scenes.SceneObject("circle", "red", x, 0.25, 0.15, 0)
+        return scenes.render(scenes.Scene((circle,), background="sky blue", layout=layout), size=128)
+
+    plain = scenes.render(scenes.Scene((scenes.SceneObject("bar", "red", 0.5, 0.5, 0.36, 0),)), size=128)
+    stims = np.stack([render(0.40, 0.0, 0.3), render(0.60, 10.0, 0.7), plain])
+    same = stims.copy()
+    swapped = stims[[1, 0, 2]]
+    table = ev.placement_table({"true (z, c)": same, "full": swapped}, stims, synthetic=True)
+    assert table.attrs["n_layouts"] == 2
+    assert table.loc["true (z, c)", "region error"] == pytest.approx(0.0, abs=0.01)
+    want = float(np.mean(placement.layout_errors(swapped[:2], stims[:2]).region))   # the plain stimulus left out
+    assert table.loc["full", "region error"] == pytest.approx(want) and want > 0.1
+    text = ev.placement_sentences(table)
+    assert "2 of the stimuli have a scene-wide layout" in text and "unreliable" in text
+    assert "full (published stage 2): position error" in text and f"region error {want:.3f}" in text
+
+
 def test_placement_only_on_simulated_scenes():
     from mdlib.synth import scenes
 
@@ -144,7 +167,8 @@ def test_placement_only_on_simulated_scenes():
     assert layout.loc["same", "position error (image sides)"] == pytest.approx(0, abs=0.02)
     assert layout.loc["moved", "position error (image sides)"] > 0.3
     assert layout.loc["same", "axis error (degrees)"] == pytest.approx(0, abs=3)
-    assert layout.attrs == {"n_images": 2, "n_axes": 2}
+    assert layout.attrs == {"n_images": 2, "n_axes": 2, "n_layouts": 0}
+    assert "region error" not in layout.columns                        # no scene-wide layout here
     text = ev.placement_sentences(layout)
     assert text.startswith("2 images; 2 of the stimuli have objects with an axis")
     assert "  moved (" not in text                                     # rows of the ablation only

@@ -114,19 +114,30 @@ def placement_table(images: Mapping[str, np.ndarray], stimuli: np.ndarray, synth
     ``images`` (name -> (n, H, W, 3), paired with ``stimuli``) and the columns ``"position error (image
     sides)"`` (mean distance of the object centroids, fractions of the image side) and ``"axis error
     (degrees)"`` (mean angle between principal axes, 0-90, over the stimuli whose objects have an axis; NaN
-    if none has). ``attrs``: ``n_images``, ``n_axes``. None when the scenes are not ``synthetic``."""
+    if none has). ``attrs``: ``n_images``, ``n_axes``, ``n_layouts``. None when the scenes are not ``synthetic``.
+
+    Stimuli with a scene-wide layout (a mini-NSD written with ``layout_share`` > 0, docs/mini_world.md, "Scene
+    layouts") also get the column ``"region error"`` (:func:`mdlib.placement.layout_errors`, mean over those
+    stimuli): the object measures take the median colour for the background, which is then one region's."""
     import pandas as pd
 
     from mdlib import placement
 
     if not synthetic:
         return None
+    has_layout = placement.fit_boundary(stimuli).found
+    rows = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)      # a mean over no axis is NaN, said in the sentences
-        df = pd.DataFrame({name: {"position error (image sides)": float(np.nanmean(placement.position_error(x, stimuli))),
-                                  "axis error (degrees)": float(np.nanmean(placement.axis_error(x, stimuli)))}
-                           for name, x in images.items()}).T
-    df.attrs.update(n_images=len(stimuli), n_axes=int(np.isfinite(placement.axis_error(stimuli, stimuli)).sum()))
+        for name, x in images.items():
+            rows[name] = {"position error (image sides)": float(np.nanmean(placement.position_error(x, stimuli))),
+                          "axis error (degrees)": float(np.nanmean(placement.axis_error(x, stimuli)))}
+            if has_layout.any():
+                rows[name]["region error"] = float(np.nanmean(
+                    placement.layout_errors(x[has_layout], stimuli[has_layout]).region))
+    df = pd.DataFrame(rows).T
+    df.attrs.update(n_images=len(stimuli), n_axes=int(np.isfinite(placement.axis_error(stimuli, stimuli)).sum()),
+                    n_layouts=int(has_layout.sum()))
     return df
 
 
@@ -258,8 +269,14 @@ def placement_sentences(layout) -> str:
     n, k = layout.attrs.get("n_images"), layout.attrs.get("n_axes")
     pos, ang = "position error (image sides)", "axis error (degrees)"
 
+    n_lay = layout.attrs.get("n_layouts", 0)
     lines = [f"{n} images; {k} of the stimuli have objects with an axis (the axis error counts those only"
              + (")." if k else "; none here, so no axis error).")]
+    if n_lay:
+        lines.append(f"{n_lay} of the stimuli have a scene-wide layout (a boundary between two large regions): "
+                     "on those the object measures are unreliable (they take the median colour, one region's, "
+                     "for the background); the region error, the share of the image on the wrong side of the "
+                     "stimulus's boundary (0 to 0.5), measures the layout.")
     for row, what in (("true (z, c)", "the stimulus' own (z, c), the img2img ceiling"),
                       ("without control", "the decoded (z, c), stage 1"),
                       ("full", "published stage 2"), ("fast", "fast stage 2"),
@@ -267,7 +284,8 @@ def placement_sentences(layout) -> str:
         if row in layout.index:
             a = layout.loc[row, ang]
             angle = f", axis error {a:.0f} degrees" if np.isfinite(a) else ""
-            lines.append(f"  {row} ({what}): position error {layout.loc[row, pos]:.2f} image sides{angle}")
+            region = f", region error {layout.loc[row, 'region error']:.3f}" if n_lay else ""
+            lines.append(f"  {row} ({what}): position error {layout.loc[row, pos]:.2f} image sides{angle}{region}")
     return "\n".join(lines)
 
 
