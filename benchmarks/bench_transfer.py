@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mdlib import method, models, presets, transfer, transfer_data  # noqa: E402
 from mdlib.nsd.design import load_design  # noqa: E402
 from mdlib.ridge import pearson_per_target  # noqa: E402
+from mdlib.viz.transfer import summary_table  # noqa: E402
 
 NEW, REFS = 2, (1, 5, 7)
 ALL_FAMILIES = ["z", "c"] + [f"clip_block{i}" for i in range(1, 7)] + ["clip_embedding"]
@@ -141,9 +142,8 @@ def part_methods(roots: dict, families: list[str], sessions: list[int], sd, clip
             for m, p in extra.items():
                 for f in families:
                     table.loc[m, f] = float(np.nanmedian(pearson_per_target(res.true[f], p[f])))
-            clip_cols = [f for f in families if f.startswith("clip_")]
-            if len(clip_cols) > 1:
-                table["CLIP (mean of families)"] = table[clip_cols].mean(axis=1)
+            if sum(f.startswith("clip_") for f in families) > 1:    # lesson 07's summary: the families' mean
+                table["CLIP (mean of families)"] = summary_table(table)["CLIP"]
             table.index.name = "method"
             ks = ", ".join(f"{f} {s.k}" for f, s in res.spaces.items())
             print(f"**{name}, {n} session(s)**: {split.hour_ids.size} images in the hour "
