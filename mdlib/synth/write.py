@@ -502,8 +502,8 @@ def write_mini_nsd(root, subjects=DEFAULTS["subjects"], n_shared: int = DEFAULTS
         large-scale layout, and its kinds (:func:`mdlib.synth.scenes.random_scene`; docs/mini_world.md,
         "Scene layouts"). An experiment in which stage 2 did not restore the layouts (benchmarks/README.md),
         off by default: with ``layout_share=0`` every file is byte-identical to what this writer wrote before
-        layouts existed, and the sidecar does not mention them. Otherwise each scene is the one the same seed gives without
-        layouts, plus its layout if it drew one, and ``parameters`` records both options.
+        layouts existed, and the sidecar does not mention them. Otherwise each scene is the one the same seed
+        gives without layouts, plus its layout if it drew one, and ``parameters`` records both options.
 
     Returns a dict: ``root``, ``version``, ``parameters``, ``n_stimuli``, ``n_sessions``, ``subjects`` (per
     subject: grid, voxel counts), ``seconds`` (wall time), ``bytes`` (on disk), ``n_files``.
