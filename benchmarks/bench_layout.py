@@ -145,12 +145,12 @@ def landscape(sd, clip, config, dec, rows, stim, seeds, images: dict, pixel_step
 
     scored = [row(name, imgs) for name, imgs in images.items()]
     z, c, z_true = dec.pred["z"][rows], dec.pred["c"][rows], dec.true["z"][rows]
-    path = []
-    for a in np.linspace(0.0, 1.0, 5):
+    start = images["stage 1, decoded (z, c)"]           # z(0): drawn above, with the same seeds
+    path = [row("stage 1 from z(0.00), decoded c", start)]
+    for a in np.linspace(0.0, 1.0, 5)[1:]:
         imgs = stage1.img2img(sd, (1.0 - a) * z + a * z_true, c, seeds, config=config.sampler, progress=False).images
         path.append(row(f"stage 1 from z({a:.2f}), decoded c", imgs))
     # The pixels as the parameters (through a sigmoid, so they stay in [0, 1]), from stage 1's decoded image.
-    start = images["stage 1, decoded (z, c)"]
     param = torch.logit(features.to_unit_images(start, sd.device).clamp(0.01, 0.99)).clone().requires_grad_(True)
     opt = torch.optim.Adam([param], lr=0.02)
     for _ in range(pixel_steps):
